@@ -1,0 +1,423 @@
+"""Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020, arXiv:2006.11239).
+
+`DDPM` wraps any noise-prediction network eps_theta(x_t, t) with the forward
+process q(x_t | x_0), the training objective L_simple and two samplers: the
+paper's ancestral sampler (Algorithm 2) and DDIM (Song et al. 2020,
+arXiv:2010.02502). It also evaluates the variational bound in bits/dim.
+
+Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
+paper's beta_1, `alphas_cumprod[t]` is a-bar_{t+1}, and the sampler's last
+step (code t = 0) is the paper's t = 1, which adds no noise.
+"""
+
+import difflib
+import inspect
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.Blocks import ARCHS, UNet, build_unet
+
+
+def extract(a, t, shape):
+    """Gather a[t] for a batch of steps t and shape it [B, 1, 1, ...] to broadcast against `shape`."""
+    return a.gather(0, t).reshape(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    """The standard normal CDF through the tanh approximation the paper's code uses."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) of 8-bit data x in [-1, 1] under N(mean, exp(log_scale)^2), Eq. (13).
+
+    Each pixel value owns a bin of width 2/255 centred on it; the edge bins
+    extend to -inf and +inf, so the 256 probabilities sum to one.
+    """
+    centred = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centred + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centred - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+class DDPM(nn.Module):
+    """A diffusion model around `network(x_t, t) -> eps` with a linear beta schedule.
+
+    Args:
+        network: predicts the noise eps from (x_t, t), t a LongTensor [B] in 0..T-1.
+        timesteps: T, the number of diffusion steps.
+        beta_start, beta_end: the linear schedule's beta_1 and beta_T.
+        variance: the reverse-process variance sigma_t^2 of the ancestral sampler:
+            'beta' (sigma_t^2 = beta_t, the paper's CIFAR-10 choice) or
+            'posterior' (sigma_t^2 = beta-tilde_t).
+        image_shape: (C, H, W) of samples; read from the network's
+            `in_channels` / `image_size` when it has them, else (3, 32, 32).
+    """
+
+    def __init__(self, network, timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
+                 image_shape=None):
+        super().__init__()
+        if variance not in ('beta', 'posterior'):
+            raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+        if timesteps < 1 or not 0 < beta_start <= beta_end < 1:
+            raise ValueError('need timesteps >= 1 and 0 < beta_start <= beta_end < 1, got '
+                             f'timesteps={timesteps}, beta_start={beta_start}, beta_end={beta_end}')
+        self.network = network
+        self.timesteps = timesteps
+        self.variance = variance
+        self.image_shape = tuple(image_shape) if image_shape is not None else (
+            getattr(network, 'in_channels', 3), getattr(network, 'image_size', 32), getattr(network, 'image_size', 32))
+
+        # The schedule in float64 (1 - a-bar_t is tiny at small t), stored as float32.
+        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        schedule = {
+            'betas': betas,                                             # beta_t
+            'alphas': alphas,                                           # alpha_t = 1 - beta_t
+            'alphas_cumprod': alphas_cumprod,                           # a-bar_t = prod_{s<=t} alpha_s
+            'alphas_cumprod_prev': alphas_cumprod_prev,                 # a-bar_{t-1}, with a-bar_0 = 1
+            'sqrt_alphas_cumprod': alphas_cumprod.sqrt(),               # sqrt(a-bar_t)
+            'sqrt_one_minus_alphas_cumprod': (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - a-bar_t)
+            'sqrt_recip_alphas_cumprod': alphas_cumprod.rsqrt(),        # 1 / sqrt(a-bar_t)
+            'sqrt_recipm1_alphas_cumprod': (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / a-bar_t - 1)
+            'posterior_variance': posterior_variance,                   # beta-tilde_t, Eq. (7)
+            # log beta-tilde_t; beta-tilde_1 = 0, so its log borrows beta-tilde_2.
+            'posterior_log_variance_clipped': torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            # mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t, Eq. (7)
+            'posterior_mean_coef1': betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            'posterior_mean_coef2': (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        }
+        # Derived from the constructor's arguments, so not part of the state_dict.
+        for name, value in schedule.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    # ----- forward process ------------------------------------------------------------------
+
+    def q_sample(self, x_0, t, noise=None):
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(a-bar_t) x_0, (1 - a-bar_t) I), Eq. (4)."""
+        if noise is None:
+            noise = torch.randn_like(x_0)
+        return (extract(self.sqrt_alphas_cumprod, t, x_0.shape) * x_0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * noise)
+
+    def q_posterior(self, x_0, x_t, t):
+        """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0) = N(mu-tilde_t, beta-tilde_t I), Eqs. (6)-(7)."""
+        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_0
+                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        return (mean, extract(self.posterior_variance, t, x_t.shape),
+                extract(self.posterior_log_variance_clipped, t, x_t.shape))
+
+    def predict_x0_from_eps(self, x_t, t, eps):
+        """Invert Eq. (4): x_0 = (x_t - sqrt(1 - a-bar_t) eps) / sqrt(a-bar_t)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+
+    def predict_eps_from_x0(self, x_t, t, x_0):
+        """The noise that takes x_0 to x_t: the inverse of `predict_x0_from_eps`."""
+        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x_0)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+
+    # ----- training -------------------------------------------------------------------------
+
+    def loss(self, x_0, t=None, noise=None):
+        """L_simple, Eq. (14): E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 with t uniform (Algorithm 1)."""
+        if t is None:
+            t = torch.randint(0, self.timesteps, (x_0.shape[0],), device=x_0.device)
+        if noise is None:
+            noise = torch.randn_like(x_0)
+        eps_pred = self.network(self.q_sample(x_0, t, noise), t)
+        return F.mse_loss(eps_pred.float(), noise)
+
+    def forward(self, x_0):
+        """The training loss; `model(x_0)` goes through DDP / torch.compile wrappers."""
+        return self.loss(x_0)
+
+    # ----- reverse process ------------------------------------------------------------------
+
+    def p_mean_variance(self, x_t, t, clip_denoised=True):
+        """p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), with mu_theta from Eq. (11).
+
+        mu_theta is written as the posterior mean mu-tilde_t(x_t, x_0_pred), which
+        equals Eq. (11) exactly; clipping x_0_pred to [-1, 1] (as the paper's
+        released sampler does) is applied before it is used.
+        Returns (mean, variance, log_variance, x_0_pred).
+        """
+        eps_pred = self.network(x_t, t).float()
+        x_0_pred = self.predict_x0_from_eps(x_t, t, eps_pred)
+        if clip_denoised:
+            x_0_pred = x_0_pred.clamp(-1.0, 1.0)
+        mean, posterior_var, posterior_logvar = self.q_posterior(x_0_pred, x_t, t)
+        if self.variance == 'posterior':
+            return mean, posterior_var, posterior_logvar, x_0_pred
+        # sigma_t^2 = beta_t; at t = 1 use beta-tilde_2's place as the paper's code does
+        # (that step adds no noise when sampling, and the decoder uses it for bits/dim).
+        var = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+        return mean, extract(var, t, x_t.shape), extract(var.log(), t, x_t.shape), x_0_pred
+
+    def _noise(self, shape, generator, device):
+        # Drawn on the generator's device (CPU by default) and moved, so one seed
+        # gives the same samples on every device.
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+    def ddim_timesteps(self, steps):
+        """The DDIM sub-sequence tau: `steps` steps spread evenly over 0..T-1, both ends included."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f'steps must be between 1 and timesteps={self.timesteps}, got {steps}')
+        return torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long().unique()
+
+    @torch.inference_mode()
+    def sample_progressive(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None,
+                           progress=True, clip_denoised=True, x_T=None):
+        """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
+
+        See `sample` for the arguments.
+        """
+        if sampler not in ('ddpm', 'ddim'):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if sampler == 'ddpm' and steps not in (None, self.timesteps):
+            raise ValueError(f"the 'ddpm' sampler runs all {self.timesteps} steps; for fewer steps use "
+                             f"sampler='ddim', steps={steps} (eta=1.0 makes it stochastic)")
+        device = torch.device(device) if device is not None else self.betas.device
+        shape = (n, *self.image_shape)
+        x = x_T.to(device) if x_T is not None else self._noise(shape, generator, device)
+
+        if sampler == 'ddpm':
+            seq = torch.arange(self.timesteps - 1, -1, -1)
+        else:
+            seq = self.ddim_timesteps(steps or self.timesteps).flip(0)
+        bar = seq.tolist()
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(bar, desc=f'sampling ({sampler}, {len(seq)} steps)', leave=False)
+
+        for i, step in enumerate(bar):
+            t = torch.full((n,), step, device=device, dtype=torch.long)
+            if sampler == 'ddpm':
+                x, x_0_pred = self._ddpm_step(x, t, step, generator, clip_denoised)
+            else:
+                prev = int(seq[i + 1]) if i + 1 < len(seq) else -1
+                x, x_0_pred = self._ddim_step(x, t, step, prev, eta, generator, clip_denoised)
+            yield step, x, x_0_pred
+        yield -1, x.clamp(-1.0, 1.0), x_0_pred
+
+    def _ddpm_step(self, x_t, t, step, generator, clip_denoised):
+        """Algorithm 2, one step: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
+        mean, _, log_var, x_0_pred = self.p_mean_variance(x_t, t, clip_denoised)
+        if step == 0:
+            return mean, x_0_pred
+        return mean + torch.exp(0.5 * log_var) * self._noise(x_t.shape, generator, x_t.device), x_0_pred
+
+    def _ddim_step(self, x_t, t, step, prev, eta, generator, clip_denoised):
+        """DDIM, Eq. (12) of Song et al.: step from t to prev (prev = -1 means a-bar = 1, i.e. x_0)."""
+        eps = self.network(x_t, t).float()
+        x_0_pred = self.predict_x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            x_0_pred = x_0_pred.clamp(-1.0, 1.0)
+            eps = self.predict_eps_from_x0(x_t, t, x_0_pred)
+        abar_t = self.alphas_cumprod[step]
+        abar_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones_like(abar_t)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+        x_prev = abar_prev.sqrt() * x_0_pred + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
+        if eta > 0 and prev >= 0:
+            x_prev = x_prev + sigma * self._noise(x_t.shape, generator, x_t.device)
+        return x_prev, x_0_pred
+
+    def sample(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
+               clip_denoised=True, x_T=None):
+        """Draw n samples, shaped [n, C, H, W] with values in [-1, 1].
+
+        Args:
+            n: number of samples.
+            device: where to run; defaults to where the model is. The model is
+                moved there if it is elsewhere.
+            sampler: 'ddpm', the paper's ancestral sampler over all T steps
+                (Algorithm 2), or 'ddim' (Song et al. 2020) over `steps` steps.
+            steps: DDIM steps (default T); the 'ddpm' sampler always runs T.
+            eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's posterior noise.
+            generator: a torch.Generator; the same seed gives the same samples.
+            progress: show a tqdm progress bar over the steps.
+            clip_denoised: clip the predicted x_0 to [-1, 1] at every step, as the
+                paper's sampler does.
+            x_T: start from this noise instead of drawing it.
+        """
+        device = torch.device(device) if device is not None else self.betas.device
+        self.to(device)
+        was_training = self.training
+        self.eval()
+        try:
+            for _, x, _ in self.sample_progressive(n, device, sampler, steps, eta, generator, progress,
+                                                   clip_denoised, x_T):
+                pass
+        finally:
+            self.train(was_training)
+        return x
+
+    # ----- the variational bound, in bits/dim -----------------------------------------------
+
+    def vb_term_bpd(self, x_0, x_t, t):
+        """One term of the variational bound, Eq. (5), in bits/dim, per image.
+
+        For t > 1 (code t > 0): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)).
+        For t = 1 (code t = 0): L_0 = -log p_theta(x_0 | x_1), the discretised Gaussian decoder.
+        """
+        true_mean, _, true_logvar = self.q_posterior(x_0, x_t, t)
+        mean, _, logvar, _ = self.p_mean_variance(x_t, t, clip_denoised=False)
+        kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def prior_bpd(self, x_0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, per image."""
+        t = torch.full((x_0.shape[0],), self.timesteps - 1, device=x_0.device, dtype=torch.long)
+        mean = extract(self.sqrt_alphas_cumprod, t, x_0.shape) * x_0
+        logvar = extract(torch.log(1.0 - self.alphas_cumprod), t, x_0.shape)
+        return normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean)).flatten(1).mean(1) / math.log(2.0)
+
+    # ----- checkpoints ----------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path, ema=True, device='cpu'):
+        """Rebuild a model from a checkpoint alone (its stored config), with EMA weights if asked and present."""
+        ckpt = load_checkpoint(path, map_location=device)
+        config = ckpt.get('config') or {}
+        model = create_cifar10_ddpm(**model_kwargs(config))
+        key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
+        load_model_state(model, ckpt[key], source=path)
+        return model.to(device)
+
+
+# ----- building and loading -------------------------------------------------------------------
+
+DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance')
+UNET_OPTIONS = tuple(p for p in inspect.signature(UNet).parameters)
+
+
+def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
+                        **unet_overrides):
+    """The CIFAR-10 DDPM: a UNet of the named `arch` ('base' or 'ddpm-paper') inside a DDPM.
+
+    Any UNet keyword (channels, num_res_blocks, time_emb_dim, attn_resolutions,
+    num_heads, dropout, image_size, in_channels) overrides the arch's value.
+    """
+    unknown = set(unet_overrides) - set(UNET_OPTIONS)
+    if unknown:
+        raise ValueError(f'unknown U-Net option(s) {sorted(unknown)}; valid: {list(UNET_OPTIONS)}')
+    network = build_unet(arch, **unet_overrides)
+    return DDPM(network, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, variance=variance)
+
+
+def model_kwargs(config):
+    """The subset of a run's config that `create_cifar10_ddpm` takes (None means: the arch's default)."""
+    keys = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()
+            if k in keys and v is not None}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint; the message says why and what to do."""
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """torch.load a checkpoint safely (weights_only=True) with one-line errors for bad files.
+
+    A raw state_dict (a dict of tensors) is accepted and returned as
+    {'model_state_dict': state_dict}.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'checkpoint not found: {path} (check the path, or train one with python train.py)')
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f'checkpoint {path} is empty (0 bytes); it was probably cut off while writing; '
+                              f'use an earlier checkpoint')
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            reason = 'it holds Python objects other than tensors and plain types, so it was refused for safety'
+        raise CheckpointError(f'cannot load checkpoint {path}: {reason}') from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)')
+    if 'model_state_dict' not in ckpt:
+        if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            return {'model_state_dict': ckpt}
+        raise CheckpointError(f'{path} is not a DDPM checkpoint: it has no model_state_dict '
+                              f'(keys: {sorted(ckpt)[:8]})')
+    return ckpt
+
+
+def save_checkpoint(obj, path):
+    """torch.save atomically: write a temp file in the same folder, fsync, then rename over `path`.
+
+    A crash, kill -9 or full disk mid-write leaves the previous file intact.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add; add 'network.' to a bare UNet's."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', '_orig_mod.'):
+            k = k.replace(prefix, '')
+        out[k] = v
+    if out and not any(k.startswith('network.') for k in out):
+        out = {f'network.{k}': v for k, v in out.items()}
+    return out
+
+
+def load_model_state(model, state_dict, source='checkpoint'):
+    """load_state_dict with a message naming the mismatched keys instead of a wall of text."""
+    state_dict = clean_state_dict(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for name, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape)):
+            if keys:
+                parts.append(f'{len(keys)} {name} (e.g. {keys[0]})')
+        raise CheckpointError(f'{source} does not match this model\'s architecture: {"; ".join(parts)}. '
+                              f'Rebuild the model from the checkpoint\'s own config with '
+                              f'DDPM.from_checkpoint(path) or pass the same arch/U-Net options it was trained with')
+    model.load_state_dict(state_dict)
+    return model
+
+
+def closest(name, options):
+    """The valid option closest to a misspelled one, for 'did you mean' messages."""
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ''
