@@ -145,9 +145,9 @@ class DDPM(nn.Module):
         eps_pred = self.network(self.q_sample(x_0, t, noise), t)
         return F.mse_loss(eps_pred.float(), noise)
 
-    def forward(self, x_0):
-        """The training loss; `model(x_0)` goes through DDP / torch.compile wrappers."""
-        return self.loss(x_0)
+    def forward(self, x_0, t=None, noise=None):
+        """The training loss, so that `model(x_0)` runs through DDP / torch.compile wrappers."""
+        return self.loss(x_0, t, noise)
 
     # ----- reverse process ------------------------------------------------------------------
 
