@@ -178,9 +178,14 @@ class DDPM(nn.Module):
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
     def ddim_timesteps(self, steps):
-        """The DDIM sub-sequence tau: `steps` steps spread evenly over 0..T-1, both ends included."""
+        """The DDIM sub-sequence tau: `steps` steps spread evenly over 0..T-1, both ends included.
+
+        A single step is T-1 alone: the chain must start where x_T ~ N(0, I) holds.
+        """
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f'steps must be between 1 and timesteps={self.timesteps}, got {steps}')
+        if steps == 1:
+            return torch.tensor([self.timesteps - 1])
         return torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long().unique()
 
     @torch.inference_mode()

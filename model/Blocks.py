@@ -30,8 +30,16 @@ ARCHS = {
 
 
 def group_norm(channels):
-    """GroupNorm with 32 groups (the paper's choice), fewer for narrow test nets."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+    """GroupNorm with 32 groups (the paper's choice), fewer for narrow test nets.
+
+    Groups keep at least two channels: a one-channel group would subtract the
+    per-channel time-embedding shift a ResNetBlock adds before its norm2,
+    leaving the network blind to t.
+    """
+    groups = math.gcd(32, channels)
+    if groups == channels:
+        groups = max(channels // 2, 1)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 def zero_init(module):

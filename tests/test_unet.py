@@ -1,0 +1,218 @@
+"""Tests of the U-Net in model/Blocks.py: shapes, the paper's parameter count, argument errors,
+self-attention against a naive implementation, the time embedding's closed form, and gradient flow."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion import DDPM, create_cifar10_ddpm
+from model.Blocks import ResNetBlock, SelfAttention, SinusoidalTimeEmbedding, UNet
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Small nets on CPU: one thread is faster and avoids oversubscribing shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def randomize(module, seed=0, std=0.1):
+    """Overwrite every parameter with random values (some layers start at zero, hiding bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
+# ----- shapes and structure -------------------------------------------------------------------
+
+CONFIGS = [
+    dict(),  # the 'base' defaults: channels (64, 128, 256), attention at 16 and 8
+    dict(channels=(32, 64), attn_resolutions=(16,), num_res_blocks=1, time_emb_dim=32),
+    dict(in_channels=1, image_size=16, channels=(16, 32, 32), attn_resolutions=(8, 4), num_heads=2,
+         num_res_blocks=3, time_emb_dim=24),
+    dict(image_size=8, channels=(16,), attn_resolutions=(), num_res_blocks=1, time_emb_dim=16),
+]
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=['base', 'two-level', 'one-channel-16px', 'one-level'])
+def test_output_shape_equals_input_shape(config):
+    """eps_theta(x_t, t) is shaped like x_t for any valid configuration."""
+    net = randomize(UNet(**config, dropout=0.0), std=0.05)
+    c, size = config.get('in_channels', 3), config.get('image_size', 32)
+    x = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = net(x, torch.tensor([0, 999]))
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('arch,expected', [('base', 2 + 2 + 1 + 3 + 3), ('ddpm-paper', 2 + 1 + 3)])
+def test_attention_sits_at_the_named_resolutions(arch, expected):
+    """Self-attention after every ResNet block at the resolutions in attn_resolutions, plus one in the
+    middle: 'base' (16 and 8 of 32/16/8) has 2+2 down, 1 middle, 3+3 up; the paper (16 of 32/16/8/4)
+    has 2 down, 1 middle, 3 up."""
+    net = create_cifar10_ddpm(arch).network
+    assert sum(isinstance(m, SelfAttention) for m in net.modules()) == expected
+
+
+def test_parameter_counts():
+    """The paper's CIFAR-10 net has 35.7M parameters (Ho et al., Sec. 4); 'base' is pinned exactly."""
+    paper = count(create_cifar10_ddpm('ddpm-paper'))
+    base = count(create_cifar10_ddpm('base'))
+    print(f'\nparameters: ddpm-paper {paper:,}, base {base:,}')
+    assert abs(paper - 35.7e6) / 35.7e6 < 0.01
+    assert base == 15_646_595
+
+
+def test_image_size_must_be_divisible_by_downsampling():
+    """Three levels halve the image twice, so image_size must be a multiple of 4."""
+    with pytest.raises(ValueError, match='divisible'):
+        UNet(channels=(8, 16, 32), image_size=30)
+    with pytest.raises(ValueError):
+        create_cifar10_ddpm(channels=(8, 16, 32, 64), image_size=36)
+    UNet(channels=(8, 16, 32), image_size=28, attn_resolutions=())  # 28 = 4 * 7 is fine
+
+
+def test_num_heads_must_divide_channels():
+    """Every attention layer splits its channels evenly across heads."""
+    with pytest.raises(ValueError, match='num_heads'):
+        UNet(channels=(32, 64), attn_resolutions=(16,), num_heads=3)
+    with pytest.raises(ValueError):
+        SelfAttention(48, num_heads=5)
+
+
+def test_unknown_override_is_rejected():
+    """create_cifar10_ddpm fails loudly on a misspelled U-Net option or arch."""
+    with pytest.raises(ValueError, match='chanels'):
+        create_cifar10_ddpm(chanels=(8, 16))
+    with pytest.raises(ValueError):
+        create_cifar10_ddpm(arch='ddpm-large')
+
+
+# ----- self-attention against a naive implementation ------------------------------------------
+
+def naive_self_attention(attn, x):
+    """x + proj(concat_h softmax(Q_h K_h^T / sqrt(d)) V_h) over the H*W positions, in numpy float64.
+
+    Q, K, V = the first, second and third C channels of the 1x1 qkv conv applied to GroupNorm(x);
+    head h owns channels h*d .. (h+1)*d - 1 of each, d = C / heads.
+    """
+    x = x.detach().double().numpy()
+    B, C, H, W = x.shape
+    G, heads = attn.norm.num_groups, attn.num_heads
+    # GroupNorm: normalise over each group of C/G channels and all positions, then scale and shift.
+    xg = x.reshape(B, G, -1)
+    xn = (xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + attn.norm.eps)
+    xn = xn.reshape(B, C, H * W) * attn.norm.weight.detach().double().numpy()[:, None] \
+        + attn.norm.bias.detach().double().numpy()[:, None]
+    w_qkv = attn.qkv.weight.detach().double().numpy()[:, :, 0, 0]
+    b_qkv = attn.qkv.bias.detach().double().numpy()
+    qkv = np.einsum('oc,bcn->bon', w_qkv, xn) + b_qkv[:, None]
+    q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+    d = C // heads
+    out = np.zeros((B, C, H * W))
+    for b in range(B):
+        for h in range(heads):
+            ch = slice(h * d, (h + 1) * d)
+            scores = q[b, ch].T @ k[b, ch] / math.sqrt(d)  # [query position, key position]
+            weights = np.exp(scores - scores.max(1, keepdims=True))
+            weights /= weights.sum(1, keepdims=True)
+            out[b, ch] = v[b, ch] @ weights.T
+    w_proj = attn.proj.weight.detach().double().numpy()[:, :, 0, 0]
+    b_proj = attn.proj.bias.detach().double().numpy()
+    return x + (np.einsum('oc,bcn->bon', w_proj, out) + b_proj[:, None]).reshape(B, C, H, W)
+
+
+@pytest.mark.parametrize('channels,heads', [(64, 1), (64, 4), (24, 3)])
+def test_self_attention_matches_naive_softmax_attention(channels, heads):
+    """SelfAttention equals softmax(Q K^T / sqrt(d)) V per head (plus projection and residual)."""
+    attn = SelfAttention(channels, num_heads=heads).double()
+    assert torch.all(attn.proj.weight == 0)  # zero-initialised: starts as the identity
+    randomize(attn, seed=1, std=0.3)
+    x = torch.randn(2, channels, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = attn(x).numpy()
+    expected = naive_self_attention(attn, x)
+    assert np.abs(expected - x.numpy()).max() > 0.1  # the attention branch is not negligible
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
+# ----- the time embedding ---------------------------------------------------------------------
+
+def test_sinusoidal_features_closed_form():
+    """Before its MLP the embedding is [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (half - 1)), i < half
+    (the Transformer encoding in the layout of the paper's code)."""
+    emb = SinusoidalTimeEmbedding(16, 32)
+    emb.mlp = torch.nn.Identity()
+    t = torch.tensor([0, 1, 17, 999])
+    half = 8
+    w = 10000.0 ** (-np.arange(half) / (half - 1))
+    angles = t.numpy()[:, None].astype(np.float64) * w[None]
+    expected = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    np.testing.assert_allclose(emb(t).numpy(), expected, atol=2e-4)
+
+
+def test_time_embedding_differs_across_steps():
+    """Distinct steps t get distinct embeddings (so eps_theta can depend on t)."""
+    net = UNet(channels=(16, 32), attn_resolutions=(), num_res_blocks=1, time_emb_dim=32)
+    t = torch.tensor([0, 1, 2, 500, 998, 999])
+    with torch.no_grad():
+        e = net.time_embedding(t)
+    dist = torch.cdist(e, e) + torch.eye(len(t)) * 1e9
+    assert dist.min() > 1e-4
+
+
+@pytest.mark.parametrize('arch', ['base', 'ddpm-paper'])
+def test_group_norm_uses_32_groups_in_named_archs(arch):
+    """The paper normalises with GroupNorm(32 groups) throughout; 'base' (64/128/256 channels) does too."""
+    norms = [m for m in create_cifar10_ddpm(arch).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 for m in norms)
+
+
+@pytest.mark.parametrize('channels', [8, 16, 32, 64, 128])
+def test_resnet_block_output_depends_on_time_embedding(channels):
+    """The time embedding enters a ResNetBlock as a per-channel shift before its second GroupNorm; it must
+    survive that norm at every width (one-channel groups would subtract it exactly)."""
+    block = randomize(ResNetBlock(channels, channels, time_emb_dim=8, dropout=0.0), std=0.1)
+    x = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(3)).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = block(x, torch.randn(2, 8, generator=torch.Generator().manual_seed(4)))
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_network_output_depends_on_t():
+    """With non-zero weights, the same x_t at different t gives different eps predictions."""
+    net = randomize(UNet(channels=(16, 32), attn_resolutions=(16,), num_res_blocks=1, time_emb_dim=32,
+                         num_heads=2, dropout=0.0, image_size=16), std=0.1).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = net(x, torch.tensor([10, 600]))
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+# ----- gradients ------------------------------------------------------------------------------
+
+def test_gradients_reach_every_parameter():
+    """One backward of the DDPM loss through a U-Net with no zeroed layers gives every parameter a
+    finite, non-zero gradient (no dead branches, nothing detached)."""
+    torch.manual_seed(0)
+    net = UNet(channels=(16, 32), attn_resolutions=(16,), num_res_blocks=1, time_emb_dim=32, num_heads=2,
+               dropout=0.0, image_size=16)
+    randomize(net, seed=3, std=0.1)
+    model = DDPM(net, timesteps=100)
+    loss = model.loss(torch.rand(4, 3, 16, 16) * 2 - 1)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
