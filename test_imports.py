@@ -21,16 +21,6 @@ DEPENDENCIES = [
 ]
 
 
-def pick_device():
-    """The device train.py chooses when --device is not given: CUDA, then MPS, then CPU."""
-    import torch
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
 def main():
     print(f'python       {platform.python_version()} ({sys.executable})')
     missing = []
@@ -48,13 +38,14 @@ def main():
         return 1
 
     import torch
-    device = pick_device()
-    detail = f' ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU(s))' if device == 'cuda' else ''
-    print(f'device       {device}{detail}')
-    print(f'threads      {torch.get_num_threads()}')
-    # The repo's own modules must import too.
-    for module in ('model.Blocks', 'diffusion'):
+    # The repo's own modules must import too; train.py decides the device.
+    for module in ('model.Blocks', 'diffusion', 'data.process_cifar', 'train'):
         importlib.import_module(module)
+    from train import resolve_device
+    device = resolve_device(None).type
+    detail = f' ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU(s))' if device == 'cuda' else ''
+    print(f'device       {device}{detail}   (what python train.py would use)')
+    print(f'threads      {torch.get_num_threads()}')
     print('ok')
     return 0
 
