@@ -22,6 +22,9 @@ ARCHS = {
     # A compact default that trains in hours on one GPU.
     'base': dict(channels=(64, 128, 256), num_res_blocks=2, time_emb_dim=128,
                  attn_resolutions=(16, 8), num_heads=4, dropout=0.1),
+    # A small net for CPU demos and smoke runs: trains in minutes on a laptop.
+    'tiny': dict(channels=(32, 64, 128), num_res_blocks=1, time_emb_dim=128,
+                 attn_resolutions=(8,), num_heads=4, dropout=0.0),
     # The paper's CIFAR-10 network: ch=128, ch_mult=(1, 2, 2, 2), attention at
     # 16x16, dropout 0.1, time embedding 4 * ch; 35.7M parameters.
     'ddpm-paper': dict(channels=(128, 256, 256, 256), num_res_blocks=2, time_emb_dim=512,
