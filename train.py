@@ -100,7 +100,7 @@ def train_ddpm(
     try:
         return _train(config, dist_info)
     finally:
-        if dist_info['world_size'] > 1 and dist.is_initialized():
+        if dist_info['owns_group'] and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -150,19 +150,29 @@ def resolve_device(device):
 
 
 def setup_distributed(device):
-    """Join the torchrun process group when WORLD_SIZE > 1: NCCL on CUDA, gloo on CPU."""
+    """Join the torchrun process group when WORLD_SIZE > 1: NCCL on CUDA, gloo on CPU.
+
+    A process group the caller already started (a script of yours run by torchrun
+    that calls train_ddpm) is used as it is and left running afterwards.
+    """
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     if world_size == 1:
-        return {'world_size': 1, 'rank': 0, 'device': resolve_device(device)}
+        return {'world_size': 1, 'rank': 0, 'local_rank': 0, 'device': resolve_device(device), 'owns_group': False}
     rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0))
     device = resolve_device(device)
     if device.type == 'cuda':
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
-    # Rank 0 alone samples grids and writes checkpoints while the others wait at a
-    # barrier: a generous timeout keeps that wait from being taken for a hang.
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(minutes=60))
-    return {'world_size': world_size, 'rank': rank, 'device': device}
+    elif device.type == 'mps':
+        raise ValueError('torchrun with device=mps is not supported (no distributed backend for MPS); '
+                         'use --device cpu, or train in one process without torchrun')
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        # Rank 0 alone samples grids and writes checkpoints while the others wait at a
+        # barrier: a generous timeout keeps that wait from being taken for a hang.
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(minutes=60))
+    return {'world_size': world_size, 'rank': rank, 'local_rank': local_rank, 'device': device,
+            'owns_group': owns_group}
 
 
 def amp_dtype(amp, device):
@@ -307,6 +317,10 @@ def _train(config, dist_info):
         if is_main:
             tqdm.write(msg)
 
+    def barrier():
+        if world_size > 1:
+            dist.barrier(device_ids=[device.index] if device.type == 'cuda' else None)
+
     # Resume: find the checkpoint and take its model config before building anything.
     resume_path = find_resume_checkpoint(config['resume'], config['checkpoint_dir'], say)
     ckpt = None
@@ -316,6 +330,17 @@ def _train(config, dist_info):
             raise CheckpointError(f'{resume_path} holds weights only (no optimizer state or step), so training '
                                   f'cannot resume from it; load it with DDPM.from_checkpoint instead')
         config = merge_resumed_config(config, ckpt.get('config') or {}, say)
+    if world_size > 1:
+        # Every rank reads the checkpoint itself; a checkpoint_dir that not every node
+        # sees would let ranks start from different steps and silently diverge.
+        resumed_at = torch.tensor([int(ckpt['step']) if ckpt is not None else -1], device=device)
+        lowest = resumed_at.clone()
+        dist.all_reduce(resumed_at, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        if resumed_at.item() != lowest.item():
+            raise ValueError(f'ranks disagree on where to resume (steps {lowest.item()} to '
+                             f'{resumed_at.item()}, -1 = no checkpoint): put checkpoint_dir on a disk every '
+                             f'node sees, or copy the checkpoint to each node and pass --resume <path>')
     if config['run_name'] is None:
         config['run_name'] = datetime.datetime.now().strftime('ddpm_%Y%m%d-%H%M%S')
     c = config
@@ -354,7 +379,14 @@ def _train(config, dist_info):
     autocast_dtype = amp_dtype(c['amp'], device)
 
     # Data: the whole set as uint8 on the device; batches are sliced from it.
+    # The first process of each node loads first, so a CIFAR-10 download or a folder's
+    # decode cache is written once per node; the others then read it.
+    first_on_node = dist_info['local_rank'] == 0
+    if not first_on_node:
+        barrier()
     images = load_dataset(c['dataset'], c['data_dir'], image_size=c['image_size'], train=True)
+    if first_on_node:
+        barrier()
     loader = InMemoryLoader(images, c['batch_size'], seed=c['seed'], rank=rank, world_size=world_size,
                             device=device)
     steps_per_epoch = len(loader)
@@ -395,10 +427,13 @@ def _train(config, dist_info):
             save_checkpoint(state, os.path.join(c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
         return save_checkpoint(state, os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth'))
 
+    grid_made_at = {'step': None}
+
     def sample_grid(epoch):
         """A grid from the EMA weights with a fixed seed, so grids are comparable across epochs."""
         if not is_main or c['num_samples'] == 0:
             return
+        grid_made_at['step'] = step
         g = torch.Generator().manual_seed(c['seed'])
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
@@ -411,10 +446,6 @@ def _train(config, dist_info):
         torchvision.utils.save_image(grid, path)
         writer.add_image('samples', grid, step)
         say(f'sample grid: {path}')
-
-    def barrier():
-        if world_size > 1:
-            dist.barrier()
 
     sample_shape = tuple(images.shape[1:])
     raw_model.train()
@@ -469,14 +500,20 @@ def _train(config, dist_info):
 
                 loss_f = float(loss_value)
                 loss_sum, loss_count, log_images = loss_sum + loss_f, loss_count + 1, log_images + c['batch_size']
-                if is_main and (step % c['log_every'] == 0 or step == total_steps):
+                if step % c['log_every'] == 0 or step == total_steps:
+                    mean_loss = loss_sum / loss_count
+                    if world_size > 1:  # the loss of the global batch, not only of rank 0's share of it
+                        mean_loss = torch.tensor([mean_loss], device=device)
+                        dist.all_reduce(mean_loss)
+                        mean_loss = mean_loss.item() / world_size
                     now = time.perf_counter()
-                    ips = log_images / max(now - log_t, 1e-9)
-                    writer.add_scalar('train/loss', loss_sum / loss_count, step)
-                    writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], step)
-                    writer.add_scalar('train/grad_norm', float(grad_norm), step)
-                    writer.add_scalar('train/images_per_sec', ips, step)
-                    bar.set_postfix(loss=f'{loss_sum / loss_count:.4f}', img_s=f'{ips:.1f}')
+                    if is_main:
+                        ips = log_images / max(now - log_t, 1e-9)
+                        writer.add_scalar('train/loss', mean_loss, step)
+                        writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], step)
+                        writer.add_scalar('train/grad_norm', float(grad_norm), step)
+                        writer.add_scalar('train/images_per_sec', ips, step)
+                        bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{ips:.1f}')
                     log_t, log_images, loss_sum, loss_count = now, 0, 0.0, 0
 
                 if world_size > 1:  # every rank must agree to stop at the same step
@@ -508,8 +545,8 @@ def _train(config, dist_info):
         raise FloatingPointError(f'training stopped: {MAX_BAD_STEPS} non-finite losses in a row at step {step}; '
                                  f'the last good checkpoint is kept ({last}); lower lr or check the data')
     path = checkpoint()
-    if stop_reason is None and c['sample_every'] and epoch % c['sample_every'] != 0:
-        sample_grid(epoch)  # the end of training always gets a grid
+    if stop_reason is None and grid_made_at['step'] != step:
+        sample_grid(epoch)  # the end of training always gets a grid (also when max_steps ends it mid-epoch)
     barrier()
     if stop_reason == 'signal':
         say(f'stopped by {stop.requested} at step {step}; saved {path}; continue with --resume latest')
