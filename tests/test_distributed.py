@@ -12,6 +12,9 @@ What is checked, and why it proves it:
 - Resume under DDP (2 ranks: 2 steps, then on to 4) and across a change of
   world size (1 -> 2 and 2 -> 1) equals a straight 4-step run.
 - Every rank ends with bitwise the same weights and EMA (per-rank digests).
+- Ranks that would resume from different steps (a checkpoint only one node
+  sees) refuse to start instead of silently diverging.
+- The logged train/loss under 2 ranks is the global batch's, as with 1 rank.
 - Sharded sampling (sample.py) with 2 ranks returns the same images as 1 rank.
 
 All equality runs use dropout=0: dropout masks are seeded per (seed, step,
@@ -146,6 +149,10 @@ def runs(tmp_path_factory):
     spec = [{'kind': 'train', 'name': name,
              'kwargs': {**TINY, **kw, 'checkpoint_dir': str(tmp / name / 'ck'), 'log_dir': str(tmp / name / 'runs'),
                         'run_name': name}} for name, kw in jobs]
+    # Only rank 0 finds the checkpoint (a checkpoint_dir on one node's local disk): both must refuse.
+    spec.append({'kind': 'train', 'name': 'disagree', 'rank0_only': ['resume'], 'kwargs': {
+        **TINY, 'max_steps': 4, 'resume': os.path.join(r['one2'], 'ddpm_latest.pth'),
+        'checkpoint_dir': str(tmp / 'disagree' / 'ck'), 'log_dir': str(tmp / 'disagree' / 'runs')}})
     have_sampler = os.path.exists(os.path.join(ROOT, 'sample.py'))
     if have_sampler:
         spec.append({'kind': 'sample', 'name': 'sample', 'kwargs': dict(
@@ -214,12 +221,35 @@ def test_resume_under_ddp_and_across_world_size(runs, capsys):
 def test_every_rank_ends_with_the_same_weights_and_ema(runs):
     for name in ('resume_ddp', 'resume_1to2', 'ddp_acc4'):
         ranks = [json.load(open(runs['driver'] / f'{name}.rank{r}.json')) for r in range(2)]
+        assert 'error' not in ranks[0] and 'error' not in ranks[1], ranks
         assert ranks[0]['step'] == ranks[1]['step'] == 4
         assert ranks[0]['model'] == ranks[1]['model'], name
         assert ranks[0]['ema'] == ranks[1]['ema'], name
         # ...and rank 0's are the ones its checkpoint holds.
         ck = latest(runs[name])
         assert ranks[0]['ema'] == digest(ck['ema_state_dict'].values())
+
+
+def test_ranks_refuse_to_resume_from_different_steps(runs):
+    for r in range(2):
+        result = json.load(open(runs['driver'] / f'disagree.rank{r}.json'))
+        assert 'ranks disagree on where to resume' in result.get('error', ''), result
+    assert not os.path.exists(runs['tmp'] / 'disagree' / 'ck' / 'ddpm_latest.pth')
+
+
+def test_logged_loss_is_the_global_batch_loss(runs):
+    """TensorBoard's train/loss under 2 ranks is the whole global batch's loss, as with 1 rank."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(run_dir):
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars('train/loss')]
+    two = losses(runs['tmp'] / 'cli' / 'runs' / 'ddp2')
+    one = losses(runs['tmp'] / 'one2' / 'runs' / 'one2')
+    assert [s for s, _ in two] == [s for s, _ in one] == [1, 2]
+    for (_, a), (_, b) in zip(two, one):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 def test_sharded_sampling_equals_one_process(runs):
@@ -257,6 +287,8 @@ def _driver(jobs_path):
 def _run_jobs(jobs, out_dir, rank, train):
     for job in jobs:
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in job['kwargs'].items()}
+        if rank != 0:
+            kw.update({key: None for key in job.get('rank0_only', ())})
         if job['kind'] == 'train':
             captured, real = {}, train.ema_update
 
@@ -266,10 +298,12 @@ def _run_jobs(jobs, out_dir, rank, train):
             train.ema_update = spy
             try:
                 model = train.train_ddpm(**kw)
+                result = {'step': model.train_stats['step'], 'model': digest(model.parameters()),
+                          'ema': digest(captured['ema'])}
+            except ValueError as e:
+                result = {'error': str(e)}
             finally:
                 train.ema_update = real
-            result = {'step': model.train_stats['step'], 'model': digest(model.parameters()),
-                      'ema': digest(captured['ema'])}
             with open(os.path.join(out_dir, f'{job["name"]}.rank{rank}.json'), 'w') as f:
                 json.dump(result, f)
         elif job['kind'] == 'sample':
