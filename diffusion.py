@@ -14,6 +14,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -299,13 +300,29 @@ class DDPM(nn.Module):
     # ----- checkpoints ----------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path, ema=True, device='cpu'):
-        """Rebuild a model from a checkpoint alone (its stored config), with EMA weights if asked and present."""
+    def from_checkpoint(cls, path, ema=True, device='cpu', **model_options):
+        """Rebuild a model from a checkpoint alone (its stored config), with EMA weights if asked and present.
+
+        A checkpoint that carries no config (a bare state_dict) is rebuilt as the
+        default 'base' model; pass the options it was trained with as keywords,
+        e.g. `DDPM.from_checkpoint('weights.pth', channels=(32, 64), image_size=16)`.
+        Keywords override the stored config.
+        """
+        valid = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
+        for key in model_options:
+            if key not in valid:
+                raise ValueError(f'unknown model option {key!r}{closest(key, valid)}; valid: {list(valid)}')
         ckpt = load_checkpoint(path, map_location=device)
-        config = ckpt.get('config') or {}
-        model = create_cifar10_ddpm(**model_kwargs(config))
+        stored = ckpt.get('config') or {}
+        model = create_cifar10_ddpm(**model_kwargs({**stored, **model_options}))
         key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
-        load_model_state(model, ckpt[key], source=path)
+        try:
+            load_model_state(model, ckpt[key], source=path)
+        except CheckpointError as e:
+            if stored or model_options:
+                raise
+            raise CheckpointError(f'{e} This checkpoint carries no config: pass the options it was trained with, '
+                                  f'e.g. DDPM.from_checkpoint(path, channels=(64, 128), image_size=32)') from None
         return model.to(device)
 
 
@@ -355,10 +372,7 @@ def load_checkpoint(path, map_location='cpu'):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
-            reason = 'it holds Python objects other than tensors and plain types, so it was refused for safety'
-        raise CheckpointError(f'cannot load checkpoint {path}: {reason}') from None
+        raise CheckpointError(f'cannot load checkpoint {path}: {_load_failure_reason(e)}') from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)')
     if 'model_state_dict' not in ckpt:
@@ -369,6 +383,23 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def _load_failure_reason(e):
+    """Why torch.load(weights_only=True) failed, in words a user can act on."""
+    text = str(e)
+    unsafe = re.search(r'GLOBAL ([\w.]+)', text)  # 'Unsupported global: GLOBAL x.y' or '... GLOBAL x.y whose module'
+    if unsafe:
+        return (f'it asks to import {unsafe.group(1)}, which is not a tensor or plain type and could run code, '
+                f'so it was refused (checkpoints are only loaded with weights_only=True)')
+    if ('Unsupported operand' in text or 'magic number' in text or 'load key' in text
+            or isinstance(e, (KeyError, EOFError, UnicodeDecodeError))):
+        return ('it is not a file written by torch.save (plain pickle, text or other data), so it was not '
+                'loaded; pass a .pth checkpoint written by train.py')
+    if 'PytorchStreamReader' in text or 'zip archive' in text or 'central directory' in text:
+        return ('the file is truncated or corrupted (an interrupted copy or save?); use an earlier checkpoint '
+                'or copy it again')
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
 def save_checkpoint(obj, path):
     """torch.save atomically: write a temp file in the same folder, fsync, then rename over `path`.
 
@@ -377,27 +408,74 @@ def save_checkpoint(obj, path):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    prefix = f'.{os.path.basename(path)}.tmp'
+    tmp = os.path.join(folder, f'{prefix}{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):  # a full disk, a read-only folder, ...: say which file, keep the errno
+            raise OSError(e.errno, f'could not write checkpoint {path} ({e.strerror or e}); '
+                                   f'the previous file, if any, is unchanged') from e
         raise
+    _fsync_dir(folder)
+    _remove_stale_temps(folder, prefix)
     return path
 
 
+def _fsync_dir(folder):
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(folder, prefix):
+    """Delete temp files that a process killed mid-save (kill -9, power loss) left behind."""
+    if os.name != 'posix':
+        return
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the writer is still alive
+        except ProcessLookupError:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+        except OSError:  # alive but another user's (EPERM): leave it
+            pass
+
+
 def clean_state_dict(state_dict):
-    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add; add 'network.' to a bare UNet's."""
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add; add 'network.' to a bare UNet's.
+
+    Only whole name components are removed: '_orig_mod' anywhere (a compiled
+    submodule), 'module' only in front (the DDP wrapper), so a layer whose own
+    name contains 'module' keeps it.
+    """
     out = {}
     for k, v in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            k = k.replace(prefix, '')
-        out[k] = v
+        parts = [p for p in k.split('.') if p != '_orig_mod']
+        while len(parts) > 1 and parts[0] == 'module':
+            parts = parts[1:]
+        out['.'.join(parts)] = v
     if out and not any(k.startswith('network.') for k in out):
         out = {f'network.{k}': v for k, v in out.items()}
     return out

@@ -17,6 +17,7 @@ the batch one process would.
 import argparse
 import copy
 import datetime
+import difflib
 import inspect
 import json
 import math
@@ -26,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -455,7 +456,8 @@ def _train(config, dist_info):
     log_t, log_images, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
     bar = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, unit='step')
 
-    with GracefulStop() as stop:
+    # closing(bar): an exception (OOM, a failed save) ends the bar's line, so the error starts its own.
+    with GracefulStop() as stop, closing(bar):
         epoch = start_epoch
         while step < total_steps and stop_reason is None:
             loader.set_epoch(epoch)
@@ -481,7 +483,13 @@ def _train(config, dist_info):
                     loss_value += loss.detach() / c['accum_steps']
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c['grad_clip'] if c['grad_clip'] > 0 else math.inf)
-                if torch.isfinite(grad_norm):
+                # A NaN/inf loss can come with finite gradients (e.g. a NaN added outside the graph): check both.
+                finite = torch.isfinite(grad_norm) & torch.isfinite(torch.as_tensor(loss_value))
+                if world_size > 1:  # one rank's bad share must make every rank skip, or the replicas diverge
+                    finite = finite.to(device=device, dtype=torch.float32).reshape(1)
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    finite = finite[0] > 0
+                if finite:
                     optimizer.step()
                     ema_update(ema_params, params, ema_decay_at(step, c['ema_decay']))
                     bad_in_a_row = 0
@@ -498,9 +506,10 @@ def _train(config, dist_info):
                     stop_reason = 'nan'
                     break
 
-                loss_f = float(loss_value)
-                loss_sum, loss_count, log_images = loss_sum + loss_f, loss_count + 1, log_images + c['batch_size']
-                if step % c['log_every'] == 0 or step == total_steps:
+                if finite:  # a skipped step's NaN stays out of the logged mean
+                    loss_sum, loss_count = loss_sum + float(loss_value), loss_count + 1
+                log_images += c['batch_size']
+                if (step % c['log_every'] == 0 or step == total_steps) and loss_count:
                     mean_loss = loss_sum / loss_count
                     if world_size > 1:  # the loss of the global batch, not only of rank 0's share of it
                         mean_loss = torch.tensor([mean_loss], device=device)
@@ -542,8 +551,10 @@ def _train(config, dist_info):
         last = os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth')
         if writer:
             writer.close()
+        kept = (f'the last good checkpoint is kept ({last})' if os.path.exists(last)
+                else 'no checkpoint had been saved yet')
         raise FloatingPointError(f'training stopped: {MAX_BAD_STEPS} non-finite losses in a row at step {step}; '
-                                 f'the last good checkpoint is kept ({last}); lower lr or check the data')
+                                 f'{kept}; lower lr or check the data')
     path = checkpoint()
     if stop_reason is None and grid_made_at['step'] != step:
         sample_grid(epoch)  # the end of training always gets a grid (also when max_steps ends it mid-epoch)
@@ -568,7 +579,9 @@ def build_parser():
         name = line.strip().split(':', 1)[0]
         if name in DEFAULTS and '#' in line:
             comments[name] = line.split('#', 1)[1].strip()
+    # allow_abbrev=False: like train_ddpm's keywords, a flag is spelled out (--num_ep is an error, not --num_epochs).
     parser = argparse.ArgumentParser(description='Train a DDPM (Ho et al. 2020) on CIFAR-10 or an image folder.',
+                                     allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sig = inspect.signature(train_ddpm)
     for name, p in sig.parameters.items():
@@ -604,8 +617,9 @@ def main(argv=None):
     if unknown:
         flags = [u for u in unknown if u.startswith('--')]
         name = (flags[0] if flags else unknown[0]).split('=', 1)[0]
-        hint = closest(name.lstrip('-'), OPTIONS)
-        parser.exit(2, f'error: unknown option {name}{hint.replace(chr(39), "")}; valid options: '
+        match = difflib.get_close_matches(name.lstrip('-'), OPTIONS, n=1)
+        hint = f' (did you mean --{match[0]}?)' if match else ''
+        parser.exit(2, f'error: unknown option {name}{hint}; valid options: '
                        f'{", ".join("--" + o for o in OPTIONS)}\n')
     kwargs = vars(args)
     debug = kwargs.pop('debug')
@@ -623,6 +637,10 @@ def main(argv=None):
             raise
         parser.exit(2, f'error: out of GPU memory at batch_size={kwargs["batch_size"]}; lower --batch_size '
                        f'(or keep it and raise --accum_steps)\n')
+    except OSError as e:  # e.g. a full disk while saving a checkpoint (the previous one is kept)
+        if debug:
+            raise
+        parser.exit(2, f'error: {e}\n')
     return 0
 
 
