@@ -380,13 +380,14 @@ def _train(config, dist_info):
     autocast_dtype = amp_dtype(c['amp'], device)
 
     # Data: the whole set as uint8 on the device; batches are sliced from it.
-    # The first process of each node loads first, so a CIFAR-10 download or a folder's
-    # decode cache is written once per node; the others then read it.
-    first_on_node = dist_info['local_rank'] == 0
-    if not first_on_node:
-        barrier()
-    images = load_dataset(c['dataset'], c['data_dir'], image_size=c['image_size'], train=True)
-    if first_on_node:
+    # Ranks load in turns so that a CIFAR-10 download or a folder's decode cache is
+    # written once, never by two processes at a time: rank 0 first, then the first
+    # process of every other node (for nodes that do not share rank 0's disk), then
+    # the rest, who find the files in place.
+    turn = 0 if rank == 0 else 1 if dist_info['local_rank'] == 0 else 2
+    for t in range(3 if world_size > 1 else 1):
+        if t == turn:
+            images = load_dataset(c['dataset'], c['data_dir'], image_size=c['image_size'], train=True)
         barrier()
     loader = InMemoryLoader(images, c['batch_size'], seed=c['seed'], rank=rank, world_size=world_size,
                             device=device)
