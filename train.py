@@ -115,11 +115,13 @@ MODEL_KEYS = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
 def validate_config(c):
     """One clear ValueError for each impossible setting, before any work is done."""
     for key in ('num_epochs', 'batch_size', 'save_every', 'sample_every', 'accum_steps', 'log_every', 'image_size',
-                'timesteps'):
+                'timesteps', 'sample_steps'):
         if not isinstance(c[key], int) or c[key] < 1:
             raise ValueError(f'{key} must be a positive integer, got {c[key]!r}')
-    if not c['lr'] > 0:
-        raise ValueError(f'lr must be positive, got {c["lr"]!r}')
+    if not (c['lr'] > 0 and math.isfinite(c['lr'])):  # lr=inf would turn the first update into NaN weights
+        raise ValueError(f'lr must be positive and finite, got {c["lr"]!r}')
+    if c['sample_sampler'] == 'ddim' and c['sample_steps'] > c['timesteps']:  # else it fails at the first grid
+        raise ValueError(f'sample_steps={c["sample_steps"]} must not exceed timesteps={c["timesteps"]}')
     if c['max_steps'] is not None and c['max_steps'] < 1:
         raise ValueError(f'max_steps must be a positive integer or None, got {c["max_steps"]!r}')
     if not 0 <= c['ema_decay'] < 1:
@@ -417,8 +419,18 @@ def _train(config, dist_info):
         if ckpt is not None:
             say(f'resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})')
 
+    latest_path = os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth')
+
+    def kept():
+        return (f'the last good checkpoint is kept ({latest_path})' if os.path.exists(latest_path)
+                else 'no checkpoint had been saved yet')
+
     def checkpoint(tag_epoch=None):
-        """Write ddpm_latest.pth (and ddpm_epoch_N.pth) from rank 0, atomically."""
+        """Write ddpm_latest.pth (and ddpm_epoch_N.pth) from rank 0, atomically; never NaN/inf weights."""
+        # Every rank holds the same weights, so every rank stops here together.
+        if not all(bool(torch.isfinite(p).all()) for p in params + ema_params):
+            raise FloatingPointError(f'training stopped: the weights became NaN/inf by step {step} and were not '
+                                     f'saved; {kept()}; lower lr or check the data')
         if not is_main:
             return None
         state = {'model_state_dict': raw_model.state_dict(), 'ema_state_dict': ema_model.state_dict(),
@@ -427,7 +439,7 @@ def _train(config, dist_info):
                  'environment': env}
         if tag_epoch is not None:
             save_checkpoint(state, os.path.join(c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
-        return save_checkpoint(state, os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth'))
+        return save_checkpoint(state, latest_path)
 
     grid_made_at = {'step': None}
 
@@ -549,13 +561,10 @@ def _train(config, dist_info):
 
     epoch = step // steps_per_epoch
     if stop_reason == 'nan':
-        last = os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth')
         if writer:
             writer.close()
-        kept = (f'the last good checkpoint is kept ({last})' if os.path.exists(last)
-                else 'no checkpoint had been saved yet')
         raise FloatingPointError(f'training stopped: {MAX_BAD_STEPS} non-finite losses in a row at step {step}; '
-                                 f'{kept}; lower lr or check the data')
+                                 f'{kept()}; lower lr or check the data')
     path = checkpoint()
     if stop_reason is None and grid_made_at['step'] != step:
         sample_grid(epoch)  # the end of training always gets a grid (also when max_steps ends it mid-epoch)
@@ -572,6 +581,13 @@ def _train(config, dist_info):
 
 # ----- command line -------------------------------------------------------------------------
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's own errors (a bad value, a missing argument) as one `error:` line, like all of ours."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see --help)\n')
+
+
 def build_parser():
     """An argparse parser generated from train_ddpm's signature and trailing comments."""
     source = inspect.getsource(inspect.unwrap(train_ddpm))
@@ -581,7 +597,7 @@ def build_parser():
         if name in DEFAULTS and '#' in line:
             comments[name] = line.split('#', 1)[1].strip()
     # allow_abbrev=False: like train_ddpm's keywords, a flag is spelled out (--num_ep is an error, not --num_epochs).
-    parser = argparse.ArgumentParser(description='Train a DDPM (Ho et al. 2020) on CIFAR-10 or an image folder.',
+    parser = OneLineErrorParser(description='Train a DDPM (Ho et al. 2020) on CIFAR-10 or an image folder.',
                                      allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sig = inspect.signature(train_ddpm)

@@ -159,9 +159,12 @@ def copy_base(env, tmp):
     ({'batch_sise': 8}, "unknown option 'batch_sise' (did you mean 'batch_size'?)"),
     ({'batch_size': 0}, 'batch_size must be a positive integer, got 0'),
     ({'batch_size': -8}, 'batch_size must be a positive integer, got -8'),
-    ({'lr': 0}, 'lr must be positive, got 0'),
-    ({'lr': -1e-4}, 'lr must be positive, got -0.0001'),
-    ({'lr': float('nan')}, 'lr must be positive, got nan'),
+    ({'lr': 0}, 'lr must be positive and finite, got 0'),
+    ({'lr': -1e-4}, 'lr must be positive and finite, got -0.0001'),
+    ({'lr': float('nan')}, 'lr must be positive and finite, got nan'),
+    ({'lr': float('inf')}, 'lr must be positive and finite, got inf'),
+    ({'sample_steps': 0}, 'sample_steps must be a positive integer, got 0'),
+    ({'sample_steps': 2000}, 'sample_steps=2000 must not exceed timesteps=1000'),
     ({'num_epochs': 0}, 'num_epochs must be a positive integer, got 0'),
     ({'image_size': 18, 'channels': (16, 32, 64)},
      'image_size=18 must be divisible by 2**2 (the U-Net halves it 2 times for channels=(16, 32, 64))'),
@@ -181,7 +184,9 @@ CLI_CASES = [
     ('unknown-option', ['--lrr', '1'], 'unknown option --lrr (did you mean --lr?); valid options: --num_epochs, '),
     ('unknown-abbreviation', ['--num_ep', '1'], 'unknown option --num_ep (did you mean --num_epochs?)'),
     ('batch-size-0', ['--batch_size', '0'], 'batch_size must be a positive integer, got 0'),
-    ('lr-0', ['--lr', '0'], 'lr must be positive, got 0.0'),
+    ('lr-0', ['--lr', '0'], 'lr must be positive and finite, got 0.0'),
+    ('bad-value', ['--lr', 'abc'], "argument --lr: invalid float value: 'abc' (see --help)"),
+    ('missing-value', ['--channels'], 'argument --channels: expected at least one argument (see --help)'),
     ('epochs-0', ['--num_epochs', '0'], 'num_epochs must be a positive integer, got 0'),
     ('image-size', ['--image_size', '18', '--channels', '16', '32', '64'], 'image_size=18 must be divisible by 2**2'),
     ('batch-larger-than-data', ['--batch_size', '64'], 'batch_size=64 is larger than the dataset (16 images)'),
@@ -237,6 +242,11 @@ def test_cli_errors_in_process(env, tmp_path, capsys, monkeypatch, flags, messag
     assert info.value.code == 2
     check_error_output(capsys.readouterr().err, message.format(**env))
     assert not os.path.exists(tmp_path / 'ckpt')
+
+
+def test_debug_flag_shows_the_real_exception(env, tmp_path):
+    with pytest.raises(ValueError, match='lr must be positive and finite, got 0.0'):
+        train.main(cli_args(env, str(tmp_path), ['--lr', '0', '--debug']))
 
 
 def cli(script, args, extra_env=None, timeout=180):
@@ -578,6 +588,27 @@ def test_persistent_nan_stops_after_5_and_keeps_good_weights(env, tmp_path, monk
         assert all_finite(state)
     # Epochs 2 and 3 were still saved (steps 4 and 6, with 2 and 4 skipped steps), with the good weights.
     assert last['step'] == 6 and last['nan_skipped'] == 4
+
+
+def test_weights_that_became_nan_are_never_saved(env, tmp_path, monkeypatch):
+    """A finite-loss update that still leaves NaN in the weights (simulated after step 3): the epoch-2 save
+    refuses to write them, and ddpm_latest.pth stays the good epoch-1 checkpoint."""
+    real_update, calls = train.ema_update, []
+
+    def ema_update(ema_params, params, decay):
+        real_update(ema_params, params, decay)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                params[0].fill_(float('nan'))
+    monkeypatch.setattr(train, 'ema_update', ema_update)
+    with pytest.raises(FloatingPointError) as info:
+        run(env, tmp_path, num_epochs=10, save_every=1)
+    latest = str(tmp_path / 'run' / 'ckpt' / 'ddpm_latest.pth')
+    assert str(info.value) == (f'training stopped: the weights became NaN/inf by step 4 and were not saved; the last '
+                               f'good checkpoint is kept ({latest}); lower lr or check the data')
+    assert load(latest)['step'] == 2 and all_finite(load(latest)['model_state_dict'])
+    assert sorted(os.listdir(tmp_path / 'run' / 'ckpt')) == ['ddpm_epoch_1.pth', 'ddpm_latest.pth']
 
 
 def test_nan_before_any_checkpoint_says_so_on_the_command_line(env, tmp_path, monkeypatch, capsys):
