@@ -316,13 +316,13 @@ class DDPM(nn.Module):
         stored = ckpt.get('config') or {}
         model = create_cifar10_ddpm(**model_kwargs({**stored, **model_options}))
         key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
-        try:
-            load_model_state(model, ckpt[key], source=path)
-        except CheckpointError as e:
-            if stored or model_options:
-                raise
-            raise CheckpointError(f'{e} This checkpoint carries no config: pass the options it was trained with, '
-                                  f'e.g. DDPM.from_checkpoint(path, channels=(64, 128), image_size=32)') from None
+        advice = None
+        if not stored and not model_options:
+            advice = (f"it carries no config (a bare state_dict), so it was matched against the default "
+                      f"'base' model; pass the options it was trained with, e.g. "
+                      f"DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
+                      f"image_size=16)")
+        load_model_state(model, ckpt[key], source=path, advice=advice)
         return model.to(device)
 
 
@@ -481,8 +481,8 @@ def clean_state_dict(state_dict):
     return out
 
 
-def load_model_state(model, state_dict, source='checkpoint'):
-    """load_state_dict with a message naming the mismatched keys instead of a wall of text."""
+def load_model_state(model, state_dict, source='checkpoint', advice=None):
+    """load_state_dict with a message naming the mismatched keys instead of a wall of text (then `advice`)."""
     state_dict = clean_state_dict(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -493,9 +493,9 @@ def load_model_state(model, state_dict, source='checkpoint'):
         for name, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape)):
             if keys:
                 parts.append(f'{len(keys)} {name} (e.g. {keys[0]})')
-        raise CheckpointError(f'{source} does not match this model\'s architecture: {"; ".join(parts)}. '
-                              f'Rebuild the model from the checkpoint\'s own config with '
-                              f'DDPM.from_checkpoint(path) or pass the same arch/U-Net options it was trained with')
+        advice = advice or ('rebuild the model from the checkpoint\'s own config with DDPM.from_checkpoint(path) '
+                            'or pass the same arch/U-Net options it was trained with')
+        raise CheckpointError(f'{source} does not match this model\'s architecture: {"; ".join(parts)}; {advice}')
     model.load_state_dict(state_dict)
     return model
 

@@ -330,7 +330,8 @@ def test_raw_state_dict_is_accepted_by_from_checkpoint(env, tmp_path):
     bare_unet = str(tmp_path / 'unet.pth')  # the network's own state_dict, without the 'network.' prefix
     torch.save({k[len('network.'):]: v for k, v in expected.items()}, bare_unet)
     assert_same_tensors(DDPM.from_checkpoint(bare_unet, **MODEL_OPTIONS).state_dict(), expected, 'bare UNet')
-    with pytest.raises(CheckpointError, match='carries no config: pass the options it was trained with'):
+    with pytest.raises(CheckpointError, match="carries no config .a bare state_dict., so it was matched against the "
+                                              "default 'base' model; pass the options it was trained with"):
         DDPM.from_checkpoint(env['raw_state_dict'])
     with pytest.raises(ValueError, match="unknown model option 'chanels' \\(did you mean 'channels'\\?\\)"):
         DDPM.from_checkpoint(env['raw_state_dict'], chanels=(16, 32))
