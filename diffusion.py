@@ -318,10 +318,10 @@ class DDPM(nn.Module):
         key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
         advice = None
         if not stored and not model_options:
-            advice = (f"it carries no config (a bare state_dict), so it was matched against the default "
-                      f"'base' model; pass the options it was trained with, e.g. "
-                      f"DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
-                      f"image_size=16)")
+            advice = ("it carries no config (a bare state_dict), so it was matched against the default "
+                      "'base' model; pass the options it was trained with, e.g. "
+                      "DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
+                      "image_size=16)")
         load_model_state(model, ckpt[key], source=path, advice=advice)
         return model.to(device)
 
