@@ -90,6 +90,25 @@ class Trainer:
         return loss
 
 
+def optimizer_micro(arch, device, reps):
+    """Adam step (fused / foreach / default) and EMA update (foreach lerp / loop) alone, on the arch's parameters."""
+    model = common.build_model('ours', arch).to(device)
+    params = list(model.parameters())
+    for p_ in params:
+        p_.grad = torch.randn_like(p_) * 1e-3
+    ema = [p_.detach().clone() for p_ in params]
+    cases = {f'adam-{k}': (lambda o: o.step)(make_adam(params, k)) for k in ('fused', 'foreach', 'default')}
+    cases.update({f'ema-{k}': (lambda k: lambda: ema_update(ema, params, 0.9999, k))(k) for k in ('foreach', 'loop')})
+    times = {k: [] for k in cases}
+    for fn in cases.values():
+        fn()
+    for r in range(reps):
+        for k, fn in cases.items():
+            dt, _ = common.timed(fn, device)
+            times[k].append(dt)
+    return [dict(op=k, median_ms=1e3 * median(v), min_ms=1e3 * min(v)) for k, v in times.items()]
+
+
 def make_batch(batch_size, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch_size, 3, 32, 32, generator=g) * 2 - 1
@@ -169,6 +188,7 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=None, help='timed steps per variant (default 6 CPU, 30 CUDA)')
     p.add_argument('--warmup', type=int, default=None, help='untimed steps per variant (default 2 CPU, 10 CUDA)')
     p.add_argument('--memory', action='store_true', help='also measure peak memory per variant in subprocesses')
+    p.add_argument('--optim-reps', type=int, default=20, help='Adam/EMA micro-benchmark repetitions (0: skip)')
     p.add_argument('--out', default=None, help='results file name (default train_<device>_<arch>)')
     p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     p.add_argument('--steps', type=int, default=3, help=argparse.SUPPRESS)
@@ -197,13 +217,17 @@ def main(argv=None):
         for row in rows:
             res = run_worker(row['variant'], args.arch, row['batch'], args.device, 2)
             row['peak_mib'] = res['peak_mib']
+    optim = optimizer_micro(args.arch, device, args.optim_reps) if args.optim_reps else []
+    if optim:
+        common.print_table(optim, ['op', 'median_ms', 'min_ms'], title=f'optimizer and EMA step alone ({args.arch}, '
+                                                                       f'{args.optim_reps} reps)')
     cols = ['arch', 'batch', 'variant', 'median_s', 'min_s', 'img_per_s', 'speedup', 'speedup_min',
             'speedup_max'] + (['peak_mib'] if args.memory else []) + (['compile_s'] if args.compile else [])
     common.print_table(rows, cols, title=f'training step ({device.type}); speedup = median over rounds of '
                                          f't(diffusers) / t(variant), same round')
     path = common.write_json(args.out or f'train_{device.type}_{args.arch}',
                              dict(env=info, rounds=rounds, warmup=warmup, variants={n: VARIANTS[n] for n in names},
-                                  rows=rows))
+                                  rows=rows, optimizer=optim))
     print(f'wrote {path}')
     return rows
 
