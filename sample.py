@@ -1,0 +1,599 @@
+"""Draw images from a trained DDPM checkpoint: a PNG grid, one PNG per image, or an .npz for FID tools.
+
+    python sample.py --checkpoint checkpoints/ddpm_latest.pth                 # 64 images -> samples.png
+    python sample.py --checkpoint ckpt.pth --sampler ddim --steps 50 --out grid.png
+    python sample.py --checkpoint ckpt.pth --num_samples 50000 --batch_size 500 --npz samples.npz
+    torchrun --nproc_per_node=8 sample.py --checkpoint ckpt.pth --num_samples 50000 --npz samples.npz
+    python sample.py --checkpoint ckpt.pth --num_samples 8 --trajectory chain.png
+
+The model is rebuilt from the config stored in the checkpoint, with its EMA
+weights when it has them (--no-ema for the raw weights).
+
+Reproducibility: batch i (of --batch_size images) draws all its noise from its
+own generator, seeded from (--seed, i). The images therefore depend only on the
+checkpoint, the sampler options, the seed and the batch size; not on where a
+run was interrupted, nor on how many processes shared the work.
+
+Resuming: with --npz or --out_dir, every finished batch is written at once to
+<npz>.parts/ (or <out_dir>/.parts/) as its own small file. Run the same command
+again after an interruption and only the missing batches are sampled; the
+final .npz is assembled at the end and the parts are removed. A run with
+different options refuses to mix its images with the old ones.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
+from diffusion import DDPM, CheckpointError, load_checkpoint
+
+DEFAULT_DDIM_STEPS = 50
+GRID_MAX_IMAGES = 256
+TRAJECTORY_MAX_IMAGES = 8
+TRAJECTORY_COLUMNS = 11   # x_T, 9 intermediate x_t, x_0
+META_FORMAT = 1
+
+
+# ----- small helpers -------------------------------------------------------------------------
+
+def batch_seed(seed, index):
+    """The seed of batch `index`'s generator: distinct for every (seed, index) pair in practice."""
+    return (int(seed) * 1_000_003 + int(index)) % (2 ** 63)
+
+
+def batch_counts(num_samples, batch_size):
+    """The number of images in each batch: full batches, then the remainder."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}')
+    return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+
+
+def resolve_steps(model, sampler, steps):
+    """The number of network evaluations: T for 'ddpm'; `steps` (default 50) for 'ddim'."""
+    if sampler not in ('ddpm', 'ddim'):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if sampler == 'ddpm':
+        if steps not in (None, model.timesteps):
+            raise ValueError(f"the 'ddpm' sampler runs all {model.timesteps} steps of this checkpoint; for fewer "
+                             f"steps use --sampler ddim --steps {steps} (--eta 1 makes it stochastic)")
+        return model.timesteps
+    if steps is None:
+        steps = min(DEFAULT_DDIM_STEPS, model.timesteps)
+    if not 1 <= steps <= model.timesteps:
+        raise ValueError(f'--steps must be between 1 and the checkpoint\'s timesteps={model.timesteps}, got {steps}')
+    return steps
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def file_sha256(path, chunk=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temp file next to `path`, then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_json(path, obj):
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + '\n').encode()))
+
+
+def save_npz(path, images):
+    """uint8 [N, H, W, C] as arr_0 of an .npz: the layout FID tools (e.g. guided-diffusion's evaluator) read."""
+    return atomic_write(path, lambda f: np.savez(f, images))
+
+
+def read_npz_images(path):
+    """The uint8 [N, H, W, C] images of an .npz (arr_0, or the only array)."""
+    with np.load(path) as data:
+        key = 'arr_0' if 'arr_0' in data.files else (data.files[0] if len(data.files) == 1 else None)
+        if key is None:
+            raise ValueError(f'{path}: expected one image array (arr_0), found {data.files}')
+        images = data[key]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f'{path}: expected uint8 images shaped [N, H, W, 3], got {images.dtype} {images.shape}')
+    return images
+
+
+# ----- the model ------------------------------------------------------------------------------
+
+def load_model(checkpoint, ema=None, device='cpu'):
+    """Rebuild the model from a checkpoint's own config.
+
+    ema: None uses the EMA weights when the checkpoint has them; True requires
+    them; False uses the raw (training) weights.
+    Returns (model in eval mode, info dict for run metadata).
+    """
+    ckpt = load_checkpoint(checkpoint, map_location='cpu')
+    has_ema = ckpt.get('ema_state_dict') is not None
+    if ema and not has_ema:
+        raise CheckpointError(f'{checkpoint} has no EMA weights (ema_state_dict is empty); '
+                              f'drop --ema, or pass --no-ema to sample with the raw weights')
+    use_ema = has_ema if ema is None else bool(ema)
+    info = {'checkpoint': os.path.abspath(checkpoint), 'ema': use_ema, 'step': ckpt.get('step'),
+            'epoch': ckpt.get('epoch')}
+    del ckpt
+    model = DDPM.from_checkpoint(checkpoint, ema=use_ema, device=device).eval()
+    return model, info
+
+
+# ----- sampling -------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False):
+    """Batch `index` of a run: `count` images as uint8 [count, H, W, C] (numpy, on the CPU).
+
+    Its noise comes from a CPU generator seeded from (seed, index), so the batch
+    is the same whichever process draws it and whatever ran before.
+    """
+    generator = torch.Generator().manual_seed(batch_seed(seed, index))
+    model.eval()
+    x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                     progress=progress)
+    return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+class PartialRun:
+    """The folder of finished batches of one interrupted-or-running sampling run.
+
+    meta.json holds the options the images depend on; batch_NNNNNN.npz one batch each.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def path(self, index):
+        return os.path.join(self.folder, f'batch_{index:06d}.npz')
+
+    def check_or_start(self, meta):
+        """Create the folder for `meta`, or check that an existing one was made with the same options."""
+        meta_path = os.path.join(self.folder, 'meta.json')
+        if os.path.exists(meta_path):
+            try:
+                with open(meta_path) as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = None
+            diff = meta_difference(old, meta)
+            if diff:
+                raise ValueError(f'{self.folder} holds a partial run made with other options ({diff}); rerun with '
+                                 f'the same options to continue it, or delete that folder (or choose another '
+                                 f'--npz / --out_dir) to start afresh')
+        else:
+            os.makedirs(self.folder, exist_ok=True)
+            write_json(meta_path, meta)
+
+    def load(self, index, count):
+        """The finished batch `index` if it is there and holds `count` images, else None."""
+        path = self.path(index)
+        if not os.path.exists(path):
+            return None
+        try:
+            images = read_npz_images(path)
+        except Exception:  # an unreadable part is simply sampled again
+            return None
+        return images if images.shape[0] == count else None
+
+    def save(self, index, images):
+        save_npz(self.path(index), images)
+
+    def remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# The options that change the images; a partial run is continued only when all of them match.
+IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'eta', 'seed', 'batch_size', 'image_shape')
+
+
+def meta_difference(old, new):
+    """'' when `old` and `new` describe the same images, else a short list of what differs."""
+    if not isinstance(old, dict):
+        return 'its meta.json is unreadable'
+    diffs = []
+    for key in IDENTITY_KEYS:
+        if old.get(key) != new.get(key):
+            if key == 'checkpoint_sha256':
+                diffs.append(f'checkpoint contents differ (was step {old.get("checkpoint_step")} of '
+                             f'{old.get("checkpoint")})')
+            else:
+                diffs.append(f'{key}: {old.get(key)!r} then, {new.get(key)!r} now')
+    return '; '.join(diffs)
+
+
+def run_meta(model, info, sampler, steps, eta, seed, batch_size):
+    return {
+        'format': META_FORMAT,
+        'checkpoint': info.get('checkpoint'),
+        'checkpoint_sha256': info.get('sha256'),
+        'checkpoint_step': info.get('step'),
+        'ema': info.get('ema'),
+        'sampler': sampler,
+        'steps': int(steps),
+        'eta': float(eta),
+        'seed': int(seed),
+        'batch_size': int(batch_size),
+        'image_shape': list(model.image_shape),
+    }
+
+
+class Distributed:
+    """Rank and world size from a running process group or torchrun's environment.
+
+    A process group is started (and later closed) only when WORLD_SIZE > 1 and none is running.
+    """
+
+    def __init__(self, device):
+        import torch.distributed as dist
+        running = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if running else int(os.environ.get('WORLD_SIZE', '1'))
+        self.rank = dist.get_rank() if running else int(os.environ.get('RANK', '0'))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        self.device = device
+        self.started = False
+        if self.world_size > 1:
+            import torch.distributed as dist
+            if torch.device(device).type == 'cuda':
+                self.device = f'cuda:{self.local_rank}'
+                torch.cuda.set_device(self.local_rank)
+            if not dist.is_initialized():
+                backend = 'nccl' if torch.device(self.device).type == 'cuda' else 'gloo'
+                dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+                self.started = True
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj):
+        """The list of every rank's `obj` on rank 0 (None elsewhere)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def close(self):
+        if self.started:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
+             parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None):
+    """Sample `num_samples` images in batches; returns uint8 [N, H, W, C] on rank 0 (None on other ranks).
+
+    parts_dir: a folder where every finished batch is saved at once, so that an
+        interrupted run continues where it stopped; `meta` (the options) must
+        then be given and must match the folder's. Parts are not removed here.
+    out_dir: also write each image as out_dir/NNNNNN.png as its batch finishes.
+    dist: a `Distributed`; batch i is drawn by rank i % world_size.
+    stats: a dict that receives 'sampled', the number of images this process drew.
+    """
+    counts = batch_counts(num_samples, batch_size)
+    steps = resolve_steps(model, sampler, steps)
+    world_size, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
+    device = device if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    store = PartialRun(parts_dir) if parts_dir else None
+
+    if store is not None:
+        error = None
+        if rank == 0:
+            try:
+                store.check_or_start(meta)
+            except ValueError as e:
+                error = str(e)
+        error = dist.broadcast(error) if dist is not None else error
+        if error:
+            raise ValueError(error)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+
+    mine = [i for i in range(len(counts)) if i % world_size == rank]
+    done = {}
+    todo = []
+    for i in mine:
+        images = store.load(i, counts[i]) if store is not None else None
+        if images is None:
+            todo.append(i)
+        elif store is None or rank == 0:
+            done[i] = images
+    if stats is not None:
+        stats['sampled'] = sum(counts[i] for i in todo)
+    if store is not None and rank == 0 and len(todo) < len(mine) and progress:
+        print(f'resuming: {len(mine) - len(todo)} of {len(mine)} batches already in {store.folder}', file=sys.stderr)
+
+    bar = todo
+    if progress and rank == 0 and len(todo) > 1:
+        from tqdm.auto import tqdm
+        bar = tqdm(todo, desc=f'sampling {num_samples} images ({sampler}, {steps} steps)', unit='batch')
+    for i in bar:
+        images = sample_batch(model, i, counts[i], sampler, steps, eta, seed, device,
+                              progress=progress and rank == 0 and len(todo) == 1)
+        if out_dir:
+            from PIL import Image
+            start = i * batch_size
+            for j, image in enumerate(images):
+                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+                    os.path.join(out_dir, f'{start + j:06d}.png'))
+        if store is not None:
+            store.save(i, images)
+        if store is None or rank == 0:
+            done[i] = images
+
+    if dist is not None and world_size > 1:
+        if store is None:   # nothing on disk: send the images to rank 0
+            gathered = dist.gather(done)
+            done = {i: images for part in gathered for i, images in part.items()} if rank == 0 else done
+        else:
+            dist.barrier()
+    if rank != 0:
+        return None
+    if store is not None:
+        for i in range(len(counts)):
+            if i not in done:
+                images = store.load(i, counts[i])
+                if images is None:
+                    raise ValueError(f'batch {i} is missing from {store.folder}; did a process fail? '
+                                       f'Run the same command again to sample it')
+                done[i] = images
+    return np.concatenate([done[i] for i in range(len(counts))])
+
+
+def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
+                      ema=None, device=None, npz=None, out_dir=None, progress=True):
+    """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
+
+    With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
+    .npz is already complete with the same options (its <npz>.json says which).
+    """
+    dist = Distributed(device or default_device())
+    device = dist.device
+    try:
+        model, info = load_model(checkpoint, ema=ema, device=device)
+        steps = resolve_steps(model, sampler, steps)
+        info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
+        meta = run_meta(model, info, sampler, steps, eta, seed, batch_size)
+
+        # An .npz finished earlier with the same options is reused (rank 0 decides for all ranks).
+        reused = reuse_complete_npz(npz, meta, num_samples) if npz and not out_dir and dist.is_main else None
+        if dist.broadcast(reused is not None):
+            if reused is not None and progress:
+                print(f'{npz} already holds these {num_samples} samples; reusing it', file=sys.stderr)
+            return reused
+
+        parts_dir = f'{npz}.parts' if npz else (os.path.join(out_dir, '.parts') if out_dir else None)
+        start, stats = time.time(), {}
+        images = generate(model, num_samples, batch_size, sampler, steps, eta, seed, device,
+                          parts_dir=parts_dir, meta=meta, out_dir=out_dir, dist=dist, progress=progress, stats=stats)
+        if images is None:
+            return None
+        seconds = time.time() - start
+        if npz:
+            save_npz(npz, images)
+            write_json(f'{npz}.json', {**meta, 'num_samples': int(num_samples),
+                                       'shape': list(images.shape), 'dtype': 'uint8'})
+        if parts_dir:
+            PartialRun(parts_dir).remove()
+        if progress and stats['sampled']:
+            where = f' on rank 0 of {dist.world_size}' if dist.world_size > 1 else ''
+            per_image = 1000 * seconds / stats['sampled']
+            print(f'sampled {stats["sampled"]} images{where} in {seconds:.1f} s ({per_image:.1f} ms/image; '
+                  f'{sampler}, {steps} steps, {"EMA" if info["ema"] else "raw"} weights)', file=sys.stderr)
+        return images
+    finally:
+        dist.close()
+
+
+def reuse_complete_npz(npz, meta, num_samples):
+    """The images of an existing .npz made with the same options and at least `num_samples` images, else None."""
+    sidecar = f'{npz}.json'
+    if not (os.path.exists(npz) and os.path.exists(sidecar)):
+        return None
+    try:
+        with open(sidecar) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if meta_difference(old, meta) or old.get('num_samples', 0) < num_samples:
+        return None
+    # Batches are seeded by index, so the first num_samples of a larger run are
+    # this run's images only if the batches line up (true when num_samples % batch_size == 0
+    # or equals the old count).
+    if old['num_samples'] != num_samples and num_samples % meta['batch_size']:
+        return None
+    return read_npz_images(npz)[:num_samples]
+
+
+# ----- pictures -------------------------------------------------------------------------------
+
+def save_grid(images, path, nrow=None):
+    """uint8 [N, H, W, C] -> one PNG grid (torchvision.utils.save_image), sqrt(N) images a row by default."""
+    from torchvision.utils import save_image
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    nrow = nrow or max(1, math.ceil(math.sqrt(x.shape[0])))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(x, path, nrow=nrow)
+    return path
+
+
+@torch.inference_mode()
+def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, columns=TRAJECTORY_COLUMNS,
+               progress=True):
+    """The denoising chain of n images: (ts, frames) with frames uint8 [n, columns, H, W, C].
+
+    Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
+    (the sample, in the paper's 1-based t); the noise comes from batch 0's
+    generator, so the last column equals a --batch_size n run's first batch.
+    """
+    steps = resolve_steps(model, sampler, steps)
+    device = device if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    generator = torch.Generator().manual_seed(batch_seed(seed, 0))
+    x_T = torch.randn((n, *model.image_shape), generator=generator)
+    T = model.timesteps
+    seq = torch.arange(T - 1, -1, -1) if sampler == 'ddpm' else model.ddim_timesteps(steps).flip(0)
+    # The state after the i-th step is x at the paper's t = (next step in seq) + 1, or t = 0 at the end.
+    visited = [T] + [int(seq[i + 1]) + 1 if i + 1 < len(seq) else 0 for i in range(len(seq))]
+    wanted = sorted({min(visited, key=lambda v: abs(v - target))
+                     for target in np.linspace(T, 0, columns)}, reverse=True)
+    frames = {T: x_T.to(device)} if T in wanted else {}
+    chain = model.sample_progressive(n, device, sampler, steps if sampler == 'ddim' else None, eta, generator,
+                                     progress, x_T=x_T)
+    for i, (step, x, _) in enumerate(chain):
+        t = visited[i + 1] if step >= 0 else 0
+        if t in wanted:
+            frames[t] = x
+    stacked = torch.stack([to_uint8(frames[t].clamp(-1, 1)) for t in wanted], dim=1)   # [n, cols, C, H, W]
+    return wanted, stacked.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def save_trajectory(frames, path):
+    n, cols = frames.shape[:2]
+    return save_grid(frames.reshape(n * cols, *frames.shape[2:]), path, nrow=cols)
+
+
+# ----- command line ---------------------------------------------------------------------------
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except empty ones (None, False) and those the help text states itself."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or 'default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description='Sample images from a DDPM checkpoint (the model is rebuilt from the checkpoint\'s config).',
+        formatter_class=HelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='a checkpoint written by train.py')
+    p.add_argument('--num_samples', type=int, default=64, help='number of images')
+    p.add_argument('--batch_size', type=int, default=256,
+                   help='images per batch; part of a run\'s identity (batch i is seeded from (seed, i))')
+    p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm',
+                   help='ddpm: the paper\'s ancestral sampler over all T steps; ddim: Song et al. 2020')
+    p.add_argument('--steps', type=int, default=None,
+                   help=f'DDIM steps (default {DEFAULT_DDIM_STEPS}); the ddpm sampler always runs all T')
+    p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
+    p.add_argument('--seed', type=int, default=0, help='the same seed and options give the same images')
+    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
+                   help='EMA weights (default: when the checkpoint has them); --no-ema: the raw weights')
+    p.add_argument('--out', default=None,
+                   help=f'grid PNG of the first {GRID_MAX_IMAGES} images '
+                        '(default samples.png when no other output is asked for)')
+    p.add_argument('--out_dir', default=None, help='also write every image as OUT_DIR/NNNNNN.png')
+    p.add_argument('--npz', default=None,
+                   help='also write all images as uint8 [N, H, W, 3] (arr_0), the format FID tools read; '
+                        'resumable: rerun the same command to continue an interrupted run')
+    p.add_argument('--trajectory', default=None,
+                   help=f'write a picture of the denoising chain: the first min(num_samples, '
+                        f'{TRAJECTORY_MAX_IMAGES}) images in rows, x_t from t=T to 0 in columns')
+    p.add_argument('--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: the best available)')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+
+def run(args):
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError('--num_samples and --batch_size must be at least 1')
+    if args.npz and not args.npz.endswith('.npz'):
+        raise ValueError(f'--npz must name a .npz file, got {args.npz}')
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    progress = not args.quiet
+    out = args.out
+    if out is None and not (args.npz or args.out_dir or args.trajectory):
+        out = 'samples.png'
+    device = args.device or default_device()
+    rank = int(os.environ.get('RANK', '0'))
+
+    written = []
+    if out or args.npz or args.out_dir:
+        images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps,
+                                   args.eta, args.seed, args.ema, device, args.npz, args.out_dir, progress)
+        if images is None:   # not rank 0
+            return 0
+        if out:
+            written.append(save_grid(images[:GRID_MAX_IMAGES], out))
+        if args.npz:
+            written.append(f'{args.npz} (uint8 {list(images.shape)})')
+        if args.out_dir:
+            written.append(f'{args.out_dir}/ ({images.shape[0]} PNG files)')
+    if args.trajectory and rank == 0:
+        model, _ = load_model(args.checkpoint, ema=args.ema, device=device)
+        n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
+        ts, frames = trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,
+                                progress=progress)
+        written.append(f'{save_trajectory(frames, args.trajectory)} (rows: {n} images; columns: x_t at t = '
+                       f'{", ".join(map(str, ts))})')
+    for line in written:
+        print(f'wrote {line}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""sample.py: reproducible, resumable, sharded sampling from a checkpoint alone (CPU, tiny model)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from diffusion import DDPM, create_cifar10_ddpm, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_PY = os.path.join(ROOT, 'sample.py')
+TIMESTEPS = 10
+SIZE = 8
+
+
+def make_checkpoint(path, ema=True, timesteps=TIMESTEPS, image_size=SIZE):
+    """A tiny checkpoint in train.py's format, with weights perturbed so that EMA and raw weights differ."""
+    config = dict(arch='base', timesteps=timesteps, beta_start=1e-4, beta_end=0.02, variance='beta',
+                  channels=[32, 64], num_res_blocks=1, attn_resolutions=[8], image_size=image_size, dropout=0.1,
+                  batch_size=128, lr=2e-4, seed=0, dataset='synthetic', data_dir='data')
+    torch.manual_seed(0)
+    model = create_cifar10_ddpm(arch='base', timesteps=timesteps, channels=(32, 64), num_res_blocks=1,
+                                attn_resolutions=(8,), image_size=image_size, dropout=0.1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = model.state_dict()
+    ema_state = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()} if ema else None
+    save_checkpoint({'model_state_dict': state, 'ema_state_dict': ema_state, 'optimizer_state_dict': {},
+                     'epoch': 3, 'step': 30, 'config': config}, path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models run several times faster on one thread than on two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'ddpm_latest.pth')
+
+
+@pytest.fixture(scope='module')
+def ckpt_no_ema(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp('ckpt_raw') / 'ddpm_raw.pth', ema=False)
+
+
+def run_main(args, capsys=None):
+    code = sample.main([*args, '--device', 'cpu', '--quiet'])
+    return code, (capsys.readouterr() if capsys is not None else None)
+
+
+def test_same_seed_same_images_other_seed_different(ckpt):
+    a = sample.sample_checkpoint(ckpt, 6, batch_size=4, seed=0, device='cpu', progress=False)
+    b = sample.sample_checkpoint(ckpt, 6, batch_size=4, seed=0, device='cpu', progress=False)
+    c = sample.sample_checkpoint(ckpt, 6, batch_size=4, seed=1, device='cpu', progress=False)
+    assert a.dtype == np.uint8 and a.shape == (6, SIZE, SIZE, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # DDIM with eta = 0 is deterministic given x_T, and still depends on the seed.
+    d = sample.sample_checkpoint(ckpt, 4, batch_size=4, sampler='ddim', steps=3, seed=0, device='cpu', progress=False)
+    e = sample.sample_checkpoint(ckpt, 4, batch_size=4, sampler='ddim', steps=3, seed=0, device='cpu', progress=False)
+    assert np.array_equal(d, e) and not np.array_equal(d, a[:4])
+
+
+def test_a_batch_does_not_depend_on_what_ran_before(ckpt):
+    model, _ = sample.load_model(ckpt, device='cpu')
+    run = sample.generate(model, 10, batch_size=4, seed=3, device='cpu', progress=False)
+    assert [len(run[i:i + 4]) for i in (0, 4, 8)] == sample.batch_counts(10, 4) == [4, 4, 2]
+    alone = sample.sample_batch(model, 2, 2, seed=3, device='cpu')
+    assert np.array_equal(run[8:], alone)
+
+
+def test_grid_npz_and_png_outputs(ckpt, tmp_path, capsys):
+    grid, npz, out_dir = tmp_path / 'grid.png', tmp_path / 's.npz', tmp_path / 'pngs'
+    code, out = run_main(['--checkpoint', ckpt, '--num_samples', '5', '--batch_size', '2', '--out', str(grid),
+                          '--npz', str(npz), '--out_dir', str(out_dir)], capsys)
+    assert code == 0, out.err
+    with np.load(npz) as data:
+        assert data.files == ['arr_0']
+        images = data['arr_0']
+    assert images.dtype == np.uint8 and images.shape == (5, SIZE, SIZE, 3)
+    # torchvision's grid: ceil(sqrt(5)) = 3 images a row, 2 rows, 2-pixel padding.
+    with Image.open(grid) as g:
+        assert g.size == (3 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2) and g.mode == 'RGB'
+        g = np.asarray(g)
+    assert np.array_equal(g[2:2 + SIZE, 2 + SIZE + 2:2 + 2 * SIZE + 2], images[1])
+    files = sorted(os.listdir(out_dir))
+    assert files == [f'{i:06d}.png' for i in range(5)]
+    for i, name in enumerate(files):
+        assert np.array_equal(np.asarray(Image.open(out_dir / name)), images[i])
+    meta = json.loads((tmp_path / 's.npz.json').read_text())
+    assert meta['num_samples'] == 5 and meta['ema'] is True and meta['steps'] == TIMESTEPS
+    assert meta['shape'] == [5, SIZE, SIZE, 3]
+    assert not os.path.exists(f'{npz}.parts'), 'parts are removed once the .npz is complete'
+    # The same images as the library call: nothing depends on the output options.
+    assert np.array_equal(images, sample.sample_checkpoint(ckpt, 5, batch_size=2, device='cpu', progress=False))
+
+
+def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, capsys):
+    args = ['--checkpoint', ckpt, '--num_samples', '10', '--batch_size', '4', '--seed', '5']
+    reference = tmp_path / 'reference.npz'
+    assert run_main([*args, '--npz', str(reference)])[0] == 0
+
+    real = sample.sample_batch
+    calls = []
+
+    def interrupted_after_two(model, index, *a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(index)
+        return real(model, index, *a, **k)
+
+    npz = tmp_path / 'run.npz'
+    monkeypatch.setattr(sample, 'sample_batch', interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_main([*args, '--npz', str(npz)])
+    parts = f'{npz}.parts'
+    assert sorted(os.listdir(parts)) == ['batch_000000.npz', 'batch_000001.npz', 'meta.json']
+    assert not npz.exists()
+
+    # Other options must not be mixed into the partial run.
+    monkeypatch.setattr(sample, 'sample_batch', real)
+    code, out = run_main([*args[:-2], '--seed', '6', '--npz', str(npz)], capsys)
+    assert code == 2
+    assert out.err.startswith('error: ') and 'other options' in out.err and 'seed: 5 then, 6 now' in out.err
+    assert len(out.err.strip().splitlines()) == 1
+
+    calls.clear()
+
+    def counted(model, index, *a, **k):
+        calls.append(index)
+        return real(model, index, *a, **k)
+
+    monkeypatch.setattr(sample, 'sample_batch', counted)
+    assert run_main([*args, '--npz', str(npz)])[0] == 0
+    assert calls == [2], 'only the missing batch is sampled'
+    with np.load(npz) as a, np.load(reference) as b:
+        assert np.array_equal(a['arr_0'], b['arr_0'])
+    assert not os.path.exists(parts)
+
+    # A finished run is reused, also for a prefix made of whole batches.
+    calls.clear()
+    assert run_main([*args, '--npz', str(npz)])[0] == 0
+    assert calls == []
+    eight = sample.sample_checkpoint(ckpt, 8, batch_size=4, seed=5, device='cpu', npz=str(npz), progress=False)
+    assert calls == [] and np.array_equal(eight, np.load(reference)['arr_0'][:8])
+
+
+def test_ema_weights_by_default_and_checkpoint_without_ema(ckpt, ckpt_no_ema, capsys):
+    default = sample.sample_checkpoint(ckpt, 3, batch_size=3, device='cpu', progress=False)
+    ema = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=True, device='cpu', progress=False)
+    raw = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=False, device='cpu', progress=False)
+    assert np.array_equal(default, ema) and not np.array_equal(ema, raw)
+    # Independently: the EMA model from the checkpoint with batch 0's generator.
+    model = DDPM.from_checkpoint(ckpt, ema=True)
+    x = model.sample(3, generator=torch.Generator().manual_seed(sample.batch_seed(0, 0)), progress=False)
+    assert np.array_equal(sample.to_uint8(x).permute(0, 2, 3, 1).numpy(), ema)
+
+    images = sample.sample_checkpoint(ckpt_no_ema, 3, batch_size=3, device='cpu', progress=False)
+    assert images.shape == (3, SIZE, SIZE, 3)
+    assert np.array_equal(images, sample.sample_checkpoint(ckpt_no_ema, 3, batch_size=3, ema=False, device='cpu',
+                                                           progress=False))
+    code, out = run_main(['--checkpoint', ckpt_no_ema, '--ema', '--num_samples', '2'], capsys)
+    assert code == 2 and 'has no EMA weights' in out.err and '--no-ema' in out.err
+
+
+def test_trajectory_shows_the_chain(ckpt, tmp_path, capsys):
+    model, _ = sample.load_model(ckpt, device='cpu')
+    ts, frames = sample.trajectory(model, 3, seed=2, progress=False)
+    assert ts == list(range(TIMESTEPS, -1, -1))            # T = 10: every state fits in 11 columns
+    assert frames.shape == (3, 11, SIZE, SIZE, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames[:, -1], sample.sample_batch(model, 0, 3, seed=2))
+    x_T = torch.randn((3, *model.image_shape), generator=torch.Generator().manual_seed(sample.batch_seed(2, 0)))
+    assert np.array_equal(frames[:, 0], sample.to_uint8(x_T.clamp(-1, 1)).permute(0, 2, 3, 1).numpy())
+
+    ts, frames = sample.trajectory(model, 2, sampler='ddim', steps=4, progress=False)
+    assert ts[0] == TIMESTEPS and ts[-1] == 0 and len(ts) == 5 and frames.shape[1] == 5
+
+    path = tmp_path / 'chain.png'
+    code, out = run_main(['--checkpoint', ckpt, '--num_samples', '4', '--trajectory', str(path)], capsys)
+    assert code == 0 and 'chain.png' in out.out
+    assert Image.open(path).size == (11 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2)
+
+
+def test_bad_input_is_one_line_error_without_traceback(ckpt, tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    missing = tmp_path / 'nope.pth'
+    proc = subprocess.run([sys.executable, SAMPLE_PY, '--checkpoint', str(missing)], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f'error: checkpoint not found: {missing}'
+    assert 'Traceback' not in proc.stderr
+
+    code = sample.main(['--checkpoint', ckpt, '--steps', '5', '--device', 'cpu', '--quiet'])
+    assert code == 2
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint')
+    assert sample.main(['--checkpoint', str(garbage), '--device', 'cpu']) == 2
+
+
+def test_torchrun_two_processes_give_the_one_process_images(ckpt, tmp_path):
+    npz = tmp_path / 'sharded.npz'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', SAMPLE_PY,
+           '--checkpoint', ckpt, '--num_samples', '7', '--batch_size', '2', '--sampler', 'ddim', '--steps', '4',
+           '--eta', '1', '--npz', str(npz), '--device', 'cpu', '--quiet']
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = sample.sample_checkpoint(ckpt, 7, batch_size=2, sampler='ddim', steps=4, eta=1.0, device='cpu',
+                                      progress=False)
+    with np.load(npz) as data:
+        assert np.array_equal(data['arr_0'], single)
+    assert not os.path.exists(f'{npz}.parts')
