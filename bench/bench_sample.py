@@ -27,6 +27,7 @@ VARIANTS = {
     'diffusers': dict(impl='diffusers', dtype='fp32', channels_last=False),
     'ours-fp32': dict(impl='ours', dtype='fp32', channels_last=False),
     'ours-fp32-cl': dict(impl='ours', dtype='fp32', channels_last=True),
+    'ours-bf16': dict(impl='ours', dtype='bf16', channels_last=False),
     'ours-bf16-cl': dict(impl='ours', dtype='bf16', channels_last=True),
 }
 
