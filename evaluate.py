@@ -453,6 +453,8 @@ def build_parser():
     b.add_argument('--bpd_batch_size', type=int, default=250)
 
     p.add_argument('--device', default=None, help='cuda, cpu, mps ... (default: the best available)')
+    p.add_argument('--amp', choices=('auto', 'bf16', 'fp32'), default='auto',
+                   help='network precision when sampling: auto is bf16 on CUDA and on CPUs with native bf16')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     return p
@@ -472,7 +474,8 @@ def main(argv=None):
 
 def default_npz(args, steps, ema):
     stem = os.path.splitext(args.checkpoint)[0]
-    return (f'{stem}.samples-{"ema" if ema else "raw"}-{args.sampler}{steps}-eta{args.eta:g}-seed{args.seed}.npz')
+    return (f'{stem}.samples-{"ema" if ema else "raw"}-{args.sampler}{steps}-eta{args.eta:g}-seed{args.seed}'
+            f'-{args.amp}.npz')
 
 
 def run(args):
@@ -517,11 +520,13 @@ def run(args):
             del model
             npz = args.npz or default_npz(args, steps, model_ema)
             images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
-                                       args.eta, args.seed, args.ema, device, npz=npz, progress=progress)
+                                       args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
+                                       amp=args.amp)
             if images is None:   # not rank 0 under torchrun
                 return 0
             options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'eta': args.eta,
-                       'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples}
+                       'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
+                       'amp': args.amp}
         else:
             images = load_images(args.samples)
             options = {'samples': os.path.abspath(args.samples), 'num_samples': int(len(images))}

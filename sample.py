@@ -30,12 +30,13 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
-from diffusion import DDPM, CheckpointError, load_checkpoint
+from diffusion import DDPM, CheckpointError, amp_dtype, load_checkpoint, use_channels_last
 
 DEFAULT_DDIM_STEPS = 50
 GRID_MAX_IMAGES = 256
@@ -154,16 +155,22 @@ def load_model(checkpoint, ema=None, device='cpu'):
 # ----- sampling -------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False):
+def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
+                 amp='fp32'):
     """Batch `index` of a run: `count` images as uint8 [count, H, W, C] (numpy, on the CPU).
 
     Its noise comes from a CPU generator seeded from (seed, index), so the batch
-    is the same whichever process draws it and whatever ran before.
+    is the same whichever process draws it and whatever ran before. amp='auto'
+    runs the network in bf16 where that is fast (CUDA, CPUs with native bf16);
+    the sampler's arithmetic stays fp32.
     """
     generator = torch.Generator().manual_seed(batch_seed(seed, index))
     model.eval()
-    x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                     progress=progress)
+    device = torch.device(device) if device is not None else model.betas.device
+    dtype = amp_dtype(amp, device)
+    with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+        x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                         progress=progress)
     return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
@@ -234,7 +241,7 @@ def meta_difference(old, new):
     return '; '.join(diffs)
 
 
-def run_meta(model, info, sampler, steps, eta, seed, batch_size):
+def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp='fp32'):
     return {
         'format': META_FORMAT,
         'checkpoint': info.get('checkpoint'),
@@ -246,6 +253,7 @@ def run_meta(model, info, sampler, steps, eta, seed, batch_size):
         'eta': float(eta),
         'seed': int(seed),
         'batch_size': int(batch_size),
+        'amp': amp,
         'image_shape': list(model.image_shape),
     }
 
@@ -308,7 +316,7 @@ class Distributed:
 
 
 def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
-             parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None):
+             parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None, amp='fp32'):
     """Sample `num_samples` images in batches; returns uint8 [N, H, W, C] on rank 0 (None on other ranks).
 
     parts_dir: a folder where every finished batch is saved at once, so that an
@@ -358,7 +366,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
         bar = tqdm(todo, desc=f'sampling {num_samples} images ({sampler}, {steps} steps)', unit='batch')
     for i in bar:
         images = sample_batch(model, i, counts[i], sampler, steps, eta, seed, device,
-                              progress=progress and rank == 0 and len(todo) == 1)
+                              progress=progress and rank == 0 and len(todo) == 1, amp=amp)
         if out_dir:
             from PIL import Image
             start = i * batch_size
@@ -390,7 +398,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
 
 
 def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
-                      ema=None, device=None, npz=None, out_dir=None, progress=True):
+                      ema=None, device=None, npz=None, out_dir=None, progress=True, amp='auto'):
     """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
 
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
@@ -402,7 +410,9 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         model, info = load_model(checkpoint, ema=ema, device=device)
         steps = resolve_steps(model, sampler, steps)
         info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
-        meta = run_meta(model, info, sampler, steps, eta, seed, batch_size)
+        if use_channels_last(None, torch.device(device), None):
+            model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)
+        meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp)
 
         # An .npz finished earlier with the same options is reused (rank 0 decides for all ranks).
         reused = reuse_complete_npz(npz, meta, num_samples) if npz and not out_dir and dist.is_main else None
@@ -414,7 +424,8 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         parts_dir = f'{npz}.parts' if npz else (os.path.join(out_dir, '.parts') if out_dir else None)
         start, stats = time.time(), {}
         images = generate(model, num_samples, batch_size, sampler, steps, eta, seed, device,
-                          parts_dir=parts_dir, meta=meta, out_dir=out_dir, dist=dist, progress=progress, stats=stats)
+                          parts_dir=parts_dir, meta=meta, out_dir=out_dir, dist=dist, progress=progress, stats=stats,
+                          amp=amp)
         if images is None:
             return None
         seconds = time.time() - start
@@ -540,6 +551,8 @@ def build_parser():
                    help=f'write a picture of the denoising chain: the first min(num_samples, '
                         f'{TRAJECTORY_MAX_IMAGES}) images in rows, x_t from t=T to 0 in columns')
     p.add_argument('--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: the best available)')
+    p.add_argument('--amp', choices=('auto', 'bf16', 'fp32'), default='auto',
+                   help='network precision: auto is bf16 on CUDA and on CPUs with native bf16, else fp32')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     return p
@@ -574,7 +587,8 @@ def run(args):
     written = []
     if out or args.npz or args.out_dir:
         images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps,
-                                   args.eta, args.seed, args.ema, device, args.npz, args.out_dir, progress)
+                                   args.eta, args.seed, args.ema, device, args.npz, args.out_dir, progress,
+                                   amp=args.amp)
         if images is None:   # not rank 0
             return 0
         if out:

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 from data.process_cifar import InMemoryLoader, load_dataset
-from diffusion import (DDPM_OPTIONS, UNET_OPTIONS, CheckpointError, closest, create_cifar10_ddpm, load_checkpoint,
-                       load_model_state, model_kwargs, save_checkpoint)
+from diffusion import (DDPM_OPTIONS, UNET_OPTIONS, CheckpointError, amp_dtype, closest, create_cifar10_ddpm,
+                       load_checkpoint, load_model_state, model_kwargs, save_checkpoint, use_channels_last)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -77,11 +77,11 @@ def train_ddpm(
     resume: str = None,               # a checkpoint path, or 'latest' (starts fresh when there is none)
     max_steps: int = None,            # stop after this many optimizer steps (saves ddpm_latest.pth)
     accum_steps: int = 1,             # gradient accumulation: micro-batches per optimizer step
-    amp: str = 'auto',                # 'auto' (bf16 on CUDA, fp32 elsewhere) | 'bf16' | 'fp32'
-    channels_last: bool = True,       # NHWC memory layout (faster convolutions on CPU and GPU)
+    amp: str = 'auto',                # 'auto' (bf16 on CUDA and on CPUs with native bf16, else fp32) | 'bf16' | 'fp32'
+    channels_last: bool = None,       # NHWC layout; None: on, except CPU bf16 where NCHW measured faster
     compile: bool = False,            # torch.compile the training step (checkpoints stay loadable without it)
     log_every: int = 10,              # steps between TensorBoard scalar writes
-    arch: str = 'base',               # 'base' (15.6M params) | 'ddpm-paper' (the paper's 35.7M)
+    arch: str = 'base',               # 'base' (15.6M params) | 'ddpm-paper' (the paper's 35.7M) | 'tiny' (CPU demos)
     channels: tuple = None,           # U-Net channels per level; None: the arch's
     num_res_blocks: int = None,       # ResNet blocks per level; None: the arch's
     time_emb_dim: int = None,         # time-embedding width; None: the arch's
@@ -178,11 +178,25 @@ def setup_distributed(device):
             'owns_group': owns_group}
 
 
-def amp_dtype(amp, device):
-    """The autocast dtype: bf16 on CUDA by default; fp32 (None) on CPU/MPS unless asked."""
-    if amp == 'bf16' or (amp == 'auto' and device.type == 'cuda'):
-        return torch.bfloat16
-    return None
+def keep_freed_memory():
+    """On glibc, keep freed memory in the process instead of unmapping it after every use.
+
+    By default glibc returns every allocation over 32 MiB to the OS when freed,
+    so a CPU training step page-faults its large activations in again on every
+    use (measured: 20-80% of a step, see bench/). mallopt() changes that for the
+    running process, like GLIBC_TUNABLES=glibc.malloc.mmap_max=0 set at start.
+    """
+    import ctypes
+    import ctypes.util
+    if sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc':
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def git_commit():
@@ -362,7 +376,11 @@ def _train(config, dist_info):
     ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
     if ckpt is not None and ckpt.get('ema_state_dict') is not None:
         load_model_state(ema_model, ckpt['ema_state_dict'], source=resume_path)
-    memory_format = torch.channels_last if c['channels_last'] and device.type != 'mps' else torch.contiguous_format
+    autocast_dtype = amp_dtype(c['amp'], device)
+    channels_last = use_channels_last(c['channels_last'], device, autocast_dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type == 'cpu':
+        keep_freed_memory()
     raw_model.to(memory_format=memory_format)
     ema_model.to(memory_format=memory_format)
 
@@ -379,7 +397,6 @@ def _train(config, dist_info):
         train_module = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
     if c['compile']:
         train_module = torch.compile(train_module)
-    autocast_dtype = amp_dtype(c['amp'], device)
 
     # Data: the whole set as uint8 on the device; batches are sliced from it.
     # Ranks load in turns so that a CIFAR-10 download or a folder's decode cache is
@@ -414,8 +431,8 @@ def _train(config, dist_info):
         say('config: ' + json.dumps(plain_config))
         say(f'{len(images)} training images, {steps_per_epoch} steps/epoch, global batch {c["batch_size"]} = '
             f'{world_size} rank(s) x {c["accum_steps"]} micro-batch(es) x {micro} images; device {device}, '
-            f'amp {autocast_dtype or "fp32"}, {sum(p.numel() for p in params) / 1e6:.2f}M parameters; '
-            f'git {env["git_commit"]}')
+            f'amp {autocast_dtype or "fp32"}, {"channels_last" if channels_last else "NCHW"}, '
+            f'{sum(p.numel() for p in params) / 1e6:.2f}M parameters; git {env["git_commit"]}')
         if ckpt is not None:
             say(f'resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})')
 
@@ -613,21 +630,6 @@ def build_parser():
     return parser
 
 
-def apply_cpu_malloc_tuning():
-    """On CPU, keep freed memory in the process instead of unmapping it every step.
-
-    glibc maps and unmaps every large tensor on each use by default, which costs
-    a large share of a CPU step. The tunable must be set before the process
-    starts, so the script re-executes itself once with it set.
-    """
-    if os.environ.get('GLIBC_TUNABLES') or os.environ.get('DDPM_NO_MALLOC_TUNING') or sys.platform != 'linux':
-        return
-    if platform.libc_ver()[0] != 'glibc' or torch.cuda.is_available():
-        return
-    env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184')
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def main(argv=None):
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -662,5 +664,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    apply_cpu_malloc_tuning()
     sys.exit(main())

@@ -217,7 +217,7 @@ def test_cli_fid_of_a_checkpoint_samples_once(tmp_path, monkeypatch, capsys):
             '--device', 'cpu', '--quiet']
     assert evaluate.main(args) == 0
     assert 'biased upwards' in capsys.readouterr().err    # fewer than 50,000 samples is said out loud
-    npz = tmp_path / 'ddpm_latest.samples-ema-ddim3-eta0-seed0.npz'
+    npz = tmp_path / 'ddpm_latest.samples-ema-ddim3-eta0-seed0-auto.npz'
     assert npz.exists() and np.load(npz)['arr_0'].shape == (20, SIZE, SIZE, 3)
     calls = []
     monkeypatch.setattr(sample, 'sample_batch', lambda *a, **k: calls.append(a) or pytest.fail('resampled'))

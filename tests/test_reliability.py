@@ -250,7 +250,7 @@ def test_debug_flag_shows_the_real_exception(env, tmp_path):
 
 
 def cli(script, args, extra_env=None, timeout=180):
-    env = dict(os.environ, OMP_NUM_THREADS='1', DDPM_NO_MALLOC_TUNING='1', **(extra_env or {}))
+    env = dict(os.environ, OMP_NUM_THREADS='1', **(extra_env or {}))
     return subprocess.run([sys.executable, script] + args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -502,7 +502,7 @@ def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(env, tmp_p
     ckpt_dir = str(tmp_path / 'ckpt')
     args = TINY_FLAGS + ['--dataset', 'folder', '--data_dir', env['images'], '--num_epochs', '1000',
                          '--checkpoint_dir', ckpt_dir, '--log_dir', str(tmp_path / 'runs'), '--run_name', 'sig']
-    # Unbuffered, so lines printed before a kill -9 reach us; malloc tuning on (its re-exec keeps the pid).
+    # Unbuffered, so lines printed before a kill -9 reach us.
     popen_env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
     # 1. SIGTERM once the training loop (and its signal handler) is running.
@@ -526,7 +526,7 @@ def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(env, tmp_p
 
     # 2. --resume latest continues; kill -9 once it has saved an epoch checkpoint (save_every=1).
     proc = subprocess.Popen([sys.executable, 'train.py'] + args + ['--resume', 'latest', '--save_every', '1'],
-                            cwd=ROOT, env={**popen_env, 'DDPM_NO_MALLOC_TUNING': '1'}, text=True,
+                            cwd=ROOT, env=popen_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = Reader(proc.stdout)
     try:

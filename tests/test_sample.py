@@ -162,10 +162,12 @@ def test_ema_weights_by_default_and_checkpoint_without_ema(ckpt, ckpt_no_ema, ca
     ema = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=True, device='cpu', progress=False)
     raw = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=False, device='cpu', progress=False)
     assert np.array_equal(default, ema) and not np.array_equal(ema, raw)
-    # Independently: the EMA model from the checkpoint with batch 0's generator.
+    # Independently: the EMA model from the checkpoint with batch 0's generator (in fp32, which
+    # sample_checkpoint's amp='auto' is not on CPUs with native bf16).
+    fp32 = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=True, device='cpu', progress=False, amp='fp32')
     model = DDPM.from_checkpoint(ckpt, ema=True)
     x = model.sample(3, generator=torch.Generator().manual_seed(sample.batch_seed(0, 0)), progress=False)
-    assert np.array_equal(sample.to_uint8(x).permute(0, 2, 3, 1).numpy(), ema)
+    assert np.array_equal(sample.to_uint8(x).permute(0, 2, 3, 1).numpy(), fp32)
 
     images = sample.sample_checkpoint(ckpt_no_ema, 3, batch_size=3, device='cpu', progress=False)
     assert images.shape == (3, SIZE, SIZE, 3)

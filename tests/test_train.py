@@ -234,7 +234,7 @@ def test_cli_and_kwargs_are_the_same_run(tmp_path, images16):
            '--channels', '16', '32', '--num_res_blocks', '1', '--attn_resolutions', '8', '--time_emb_dim', '32',
            '--image_size', str(SIZE), '--num_samples', '0', '--sample_steps', '2', '--save_every', '1000',
            '--sample_every', '1000', '--log_every', '1', '--no-channels_last', '--resume', 'latest']
-    env = dict(os.environ, OMP_NUM_THREADS='1', DDPM_NO_MALLOC_TUNING='1')  # the re-exec: see test_reliability
+    env = dict(os.environ, OMP_NUM_THREADS='1')  # the same thread count as this process: same float sums
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f'resume=latest: no checkpoint at {os.path.join(cli_ckpt, "ddpm_latest.pth")}, starting a fresh run' \
