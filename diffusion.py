@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.Blocks import ARCHS, UNet, build_unet
+from model.Blocks import UNet, build_unet
 
 
 def extract(a, t, shape):
@@ -326,7 +326,24 @@ class DDPM(nn.Module):
         return model.to(device)
 
 
-# ----- precision and layout (measured in bench/) --------------------------------------------
+# ----- device, precision and layout (measured in bench/) ------------------------------------
+
+def resolve_device(device):
+    """The device to train on: the one asked for (checked), else CUDA, then MPS, then CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device='{device}' was asked for but CUDA is not available to this PyTorch; "
+                         f"use --device cpu (or install a CUDA build of PyTorch)")
+    if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        raise ValueError("device='mps' was asked for but MPS is not available; use --device cpu")
+    return device
+
 
 def cpu_has_native_bf16():
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 autocast pays off."""
@@ -356,7 +373,6 @@ def use_channels_last(channels_last, device, autocast_dtype):
     return channels_last
 
 
-
 # ----- building and loading -------------------------------------------------------------------
 
 DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance')
@@ -365,7 +381,7 @@ UNET_OPTIONS = tuple(p for p in inspect.signature(UNet).parameters)
 
 def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
                         **unet_overrides):
-    """The CIFAR-10 DDPM: a UNet of the named `arch` ('base' or 'ddpm-paper') inside a DDPM.
+    """The CIFAR-10 DDPM: a UNet of the named `arch` ('base', 'ddpm-paper' or 'tiny') inside a DDPM.
 
     Any UNet keyword (channels, num_res_blocks, time_emb_dim, attn_resolutions,
     num_heads, dropout, image_size, in_channels) overrides the arch's value.

@@ -39,9 +39,8 @@ import time
 import numpy as np
 import torch
 
-from diffusion import CheckpointError
-from sample import (DEFAULT_DDIM_STEPS, HelpFormatter, atomic_write, batch_seed, default_device, load_model,
-                    read_npz_images, resolve_steps, sample_checkpoint, write_json)
+from sample import (DEFAULT_DDIM_STEPS, HelpFormatter, add_runtime_options, atomic_write, batch_seed, default_device,
+                    load_model, read_npz_images, resolve_steps, run_cli, sample_checkpoint, write_json)
 
 INCEPTION = 'inception-v3-compat'
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
@@ -452,24 +451,12 @@ def build_parser():
     b.add_argument('--num_images', type=int, default=None, help='a random subset of this many images')
     b.add_argument('--bpd_batch_size', type=int, default=250)
 
-    p.add_argument('--device', default=None, help='cuda, cpu, mps ... (default: the best available)')
-    p.add_argument('--amp', choices=('auto', 'bf16', 'fp32'), default='auto',
-                   help='network precision when sampling: auto is bf16 on CUDA and on CPUs with native bf16')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
-    p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
+    add_runtime_options(p)
     return p
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), run, argv)
 
 
 def default_npz(args, steps, ema):

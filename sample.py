@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
-from diffusion import DDPM, CheckpointError, amp_dtype, load_checkpoint, use_channels_last
+from diffusion import DDPM, CheckpointError, amp_dtype, load_checkpoint, resolve_device, use_channels_last
 
 DEFAULT_DDIM_STEPS = 50
 GRID_MAX_IMAGES = 256
@@ -76,11 +76,7 @@ def resolve_steps(model, sampler, steps):
 
 
 def default_device():
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
+    return str(resolve_device(None))
 
 
 def file_sha256(path, chunk=1 << 22):
@@ -550,16 +546,21 @@ def build_parser():
     p.add_argument('--trajectory', default=None,
                    help=f'write a picture of the denoising chain: the first min(num_samples, '
                         f'{TRAJECTORY_MAX_IMAGES}) images in rows, x_t from t=T to 0 in columns')
-    p.add_argument('--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: the best available)')
-    p.add_argument('--amp', choices=('auto', 'bf16', 'fp32'), default='auto',
-                   help='network precision: auto is bf16 on CUDA and on CPUs with native bf16, else fp32')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
-    p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
+    add_runtime_options(p)
     return p
 
 
-def main(argv=None):
-    parser = build_parser()
+def add_runtime_options(p):
+    """--device, --amp, --quiet, --debug: shared by sample.py and evaluate.py."""
+    p.add_argument('--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: the best available)')
+    p.add_argument('--amp', choices=('auto', 'bf16', 'fp32'), default='auto',
+                   help='network precision when sampling: auto is bf16 on CUDA and on CPUs with native bf16')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
+
+
+def run_cli(parser, run, argv):
+    """Parse argv and run; bad input ends as one `error:` line and exit code 2 (--debug: the traceback)."""
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -568,6 +569,10 @@ def main(argv=None):
             raise
         print(f'error: {e}', file=sys.stderr)
         return 2
+
+
+def main(argv=None):
+    return run_cli(build_parser(), run, argv)
 
 
 def run(args):

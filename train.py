@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import (DDPM_OPTIONS, UNET_OPTIONS, CheckpointError, amp_dtype, closest, create_cifar10_ddpm,
-                       load_checkpoint, load_model_state, model_kwargs, save_checkpoint, use_channels_last)
+                       load_checkpoint, load_model_state, model_kwargs, resolve_device, save_checkpoint,
+                       use_channels_last)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -133,23 +134,6 @@ def validate_config(c):
     for key, valid in choices.items():
         if c[key] not in valid:
             raise ValueError(f'{key} must be one of {valid}, got {c[key]!r}')
-
-
-def resolve_device(device):
-    """The device to train on: the one asked for (checked), else CUDA, then MPS, then CPU."""
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
-    device = torch.device(device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device='{device}' was asked for but CUDA is not available to this PyTorch; "
-                         f"use --device cpu (or install a CUDA build of PyTorch)")
-    if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-        raise ValueError("device='mps' was asked for but MPS is not available; use --device cpu")
-    return device
 
 
 def setup_distributed(device):
@@ -272,12 +256,16 @@ def rng_states():
 
 # ----- the training step --------------------------------------------------------------------
 
-def step_noise(seed, step, global_batch, shape, timesteps, device):
-    """t and eps for every image of the global batch at this step, drawn from (seed, step) alone."""
-    g = torch.Generator(device='cpu').manual_seed(seed * 1_000_003 + step)
-    t = torch.randint(0, timesteps, (global_batch,), generator=g)
-    eps = torch.randn((global_batch, *shape), generator=g)
-    return t.to(device, non_blocking=True), eps.to(device, non_blocking=True)
+def step_noise(generator, seed, step, global_batch, shape, timesteps):
+    """t and eps for every image of the global batch at this step, drawn from (seed, step) alone.
+
+    `generator` lives on the training device, so on a GPU the noise is drawn there
+    (no host work or copy in the step); re-seeding it is cheap and needs no sync.
+    """
+    generator.manual_seed(seed * 1_000_003 + step)
+    t = torch.randint(0, timesteps, (global_batch,), generator=generator, device=generator.device)
+    eps = torch.randn((global_batch, *shape), generator=generator, device=generator.device)
+    return t, eps
 
 
 @torch.no_grad()
@@ -479,6 +467,7 @@ def _train(config, dist_info):
         say(f'sample grid: {path}')
 
     sample_shape = tuple(images.shape[1:])
+    noise_generator = torch.Generator(device=device)
     raw_model.train()
     start_epoch, start_batch = divmod(step, steps_per_epoch)
     bad_in_a_row = 0
@@ -495,7 +484,8 @@ def _train(config, dist_info):
             for batch_index, x_0 in enumerate(loader.iterate(start_batch), start=start_batch):
                 x_0 = x_0.contiguous(memory_format=memory_format)
                 # t and eps for the global batch from (seed, step); this rank takes its slice.
-                t_all, eps_all = step_noise(c['seed'], step, c['batch_size'], sample_shape, c['timesteps'], device)
+                t_all, eps_all = step_noise(noise_generator, c['seed'], step, c['batch_size'], sample_shape,
+                                            c['timesteps'])
                 t_rank = t_all[rank * per_rank:(rank + 1) * per_rank]
                 eps_rank = eps_all[rank * per_rank:(rank + 1) * per_rank]
                 torch.manual_seed(c['seed'] * 1_000_003 + step * 1009 + rank)  # dropout

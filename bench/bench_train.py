@@ -42,7 +42,7 @@ VARIANTS = {
     'ours-bf16-cl-compile': dict(impl='ours', dtype='bf16', channels_last=True, compile=True, adam='fused',
                                  ema='foreach'),
 }
-DEFAULT_VARIANTS = ['diffusers', 'ours-fp32', 'ours-fp32-cl', 'ours-bf16-cl']
+DEFAULT_VARIANTS = ['diffusers', 'ours-fp32', 'ours-fp32-cl', 'ours-bf16', 'ours-bf16-cl']  # ours-bf16: train.py's default on CPUs with native bf16
 
 
 def make_adam(params, kind, lr=2e-4):

@@ -1,11 +1,36 @@
-"""Shared pytest setup: make the repo root importable and keep tests on a small thread budget."""
+"""Shared pytest setup: the repo root on sys.path, one CPU thread, and small helpers."""
 import os
 import sys
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    """One CPU thread for every test: the tiny test models run faster on one thread than on two
+    busy cores, and runs whose weights are compared bit for bit must use the same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_image_folder(folder, n, size=16, seed=0):
+    """n smooth two-colour gradient PNGs of size x size pixels in `folder`; returns its path as a string."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    for i in range(n):
+        a, b = rng.random(3), rng.random(3)
+        angle = rng.random() * 2 * np.pi
+        ramp = (xx * np.cos(angle) + yy * np.sin(angle) + 1.5) / 3
+        pixels = ((a + (b - a) * ramp[..., None]) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f'{i:03d}.png'))
+    return str(folder)

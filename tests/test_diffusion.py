@@ -46,16 +46,6 @@ class Recorder(nn.Module):
         return self.fn(x_t, t)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """These tests run many tiny ops (1000-step samplers, small nets); one thread is faster and
-    avoids oversubscribing the cores when other jobs share the machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def model():
     return DDPM(Recorder(), timesteps=T, beta_start=BETA_START, beta_end=BETA_END, image_shape=(3, 4, 4))

@@ -59,7 +59,7 @@ def free_port():
 def torchrun(args, cwd, nproc=2, timeout=300):
     """Run `python -m torch.distributed.run --nproc_per_node=nproc args...`; return its output."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-           f'--master_addr=127.0.0.1', f'--master_port={free_port()}'] + args
+           '--master_addr=127.0.0.1', f'--master_port={free_port()}'] + args
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT')}
     env.update(OMP_NUM_THREADS='1', PYTHONPATH=ROOT + os.pathsep + env.get('PYTHONPATH', ''))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

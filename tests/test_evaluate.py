@@ -21,15 +21,6 @@ SIZE = 8
 TINY = 'ddpm-test-tiny'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(timesteps=20, variance='beta', seed=0):
     torch.manual_seed(seed)
     model = create_cifar10_ddpm(timesteps=timesteps, variance=variance, channels=(32, 64), num_res_blocks=1,

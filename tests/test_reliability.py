@@ -22,12 +22,12 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train
 from diffusion import (DDPM, CheckpointError, clean_state_dict, create_cifar10_ddpm, load_checkpoint,
                        load_model_state, save_checkpoint)
 from train import train_ddpm
+from conftest import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -40,29 +40,6 @@ TINY_FLAGS = ['--device', 'cpu', '--channels', '16', '32', '--num_res_blocks', '
               '--log_every', '1']
 MODEL_OPTIONS = dict(channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,), time_emb_dim=32, image_size=SIZE)
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One CPU thread: fast on a busy 2-core machine, and the same thread count in every run we compare."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_image_folder(folder, n, size=SIZE, seed=0):
-    """n smooth two-colour gradient PNGs."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
-    for i in range(n):
-        a, b = rng.random(3), rng.random(3)
-        angle = rng.random() * 2 * np.pi
-        ramp = (xx * np.cos(angle) + yy * np.sin(angle) + 1.5) / 3
-        Image.fromarray(((a + (b - a) * ramp[..., None]) * 255).astype(np.uint8)).save(
-            os.path.join(folder, f'{i:03d}.png'))
-    return str(folder)
 
 
 def load(path):

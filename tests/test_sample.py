@@ -36,15 +36,6 @@ def make_checkpoint(path, ema=True, timesteps=TIMESTEPS, image_size=SIZE):
     return str(path)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'ddpm_latest.pth')

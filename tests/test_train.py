@@ -18,35 +18,13 @@ from PIL import Image
 import train
 from diffusion import DDPM
 from train import train_ddpm
+from conftest import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
 TINY = dict(device='cpu', channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,), time_emb_dim=32,
             image_size=SIZE, batch_size=8, lr=1e-3, warmup_steps=2, save_every=1000, sample_every=1000,
             num_samples=0, sample_steps=2, log_every=1)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One CPU thread: fast on a busy 2-core machine, and the same thread count in every run we compare."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_image_folder(folder, n, size=SIZE, seed=0):
-    """n smooth two-colour gradient PNGs."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
-    for i in range(n):
-        a, b = rng.random(3), rng.random(3)
-        angle = rng.random() * 2 * np.pi
-        ramp = (xx * np.cos(angle) + yy * np.sin(angle) + 1.5) / 3
-        pixels = ((a + (b - a) * ramp[..., None]) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f'{i:03d}.png'))
-    return str(folder)
 
 
 @pytest.fixture(scope='module')

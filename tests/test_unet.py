@@ -11,15 +11,6 @@ from diffusion import DDPM, create_cifar10_ddpm
 from model.Blocks import ResNetBlock, SelfAttention, SinusoidalTimeEmbedding, UNet
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small nets on CPU: one thread is faster and avoids oversubscribing shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
