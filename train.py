@@ -369,6 +369,10 @@ def _train(config, dist_info):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if device.type == 'cpu':
         keep_freed_memory()
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True          # fixed shapes: pick the fastest conv algorithms once
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls/convs on tensor cores (amp='fp32' runs)
+        torch.backends.cudnn.allow_tf32 = True
     raw_model.to(memory_format=memory_format)
     ema_model.to(memory_format=memory_format)
 
