@@ -34,3 +34,15 @@ def make_image_folder(folder, n, size=16, seed=0):
         pixels = ((a + (b - a) * ramp[..., None]) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f'{i:03d}.png'))
     return str(folder)
+
+
+def load(path):
+    """A checkpoint the way every consumer loads it: weights_only=True."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_tensors(a, b, what):
+    """Two state dicts hold the same keys and bit-identical tensors."""
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f'{what}: {k} differs (max abs diff {(a[k] - b[k]).abs().max().item()})'

@@ -27,7 +27,7 @@ import train
 from diffusion import (DDPM, CheckpointError, clean_state_dict, create_cifar10_ddpm, load_checkpoint,
                        load_model_state, save_checkpoint)
 from train import train_ddpm
-from conftest import make_image_folder
+from conftest import assert_same_tensors, load, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -40,16 +40,6 @@ TINY_FLAGS = ['--device', 'cpu', '--channels', '16', '32', '--num_res_blocks', '
               '--log_every', '1']
 MODEL_OPTIONS = dict(channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,), time_emb_dim=32, image_size=SIZE)
 CUDA = torch.cuda.is_available()
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same_tensors(a, b, what):
-    assert a.keys() == b.keys(), what
-    for k in a:
-        assert torch.equal(a[k], b[k]), f'{what}: {k} differs'
 
 
 def all_finite(state):

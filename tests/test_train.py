@@ -18,7 +18,7 @@ from PIL import Image
 import train
 from diffusion import DDPM
 from train import train_ddpm
-from conftest import make_image_folder
+from conftest import assert_same_tensors, load, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -39,16 +39,6 @@ def run(tmp, data_dir, name='run', **overrides):
     kwargs = {**TINY, 'dataset': 'folder', 'data_dir': data_dir, 'checkpoint_dir': ckpt_dir, 'log_dir': log_dir,
               'run_name': name, **overrides}
     return train_ddpm(**kwargs), ckpt_dir, log_dir
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same_tensors(a, b, what):
-    assert a.keys() == b.keys(), what
-    for k in a:
-        assert torch.equal(a[k], b[k]), f'{what}: {k} differs (max abs diff {(a[k] - b[k]).abs().max().item()})'
 
 
 def scalars(log_dir, tag):
