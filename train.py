@@ -485,7 +485,7 @@ def _train(config, dist_info):
         while step < total_steps and stop_reason is None:
             loader.set_epoch(epoch)
             bar.set_description(f'epoch {epoch + 1}/{c["num_epochs"]}')
-            for batch_index, x_0 in enumerate(loader.iterate(start_batch), start=start_batch):
+            for x_0 in loader.iterate(start_batch):
                 x_0 = x_0.contiguous(memory_format=memory_format)
                 # t and eps for the global batch from (seed, step); this rank takes its slice.
                 t_all, eps_all = step_noise(noise_generator, c['seed'], step, c['batch_size'], sample_shape,
@@ -586,6 +586,7 @@ def _train(config, dist_info):
         say(f'done: {step} steps; saved {path}')
     if writer:
         writer.close()
+    # How the run ended, for scripts that call train_ddpm (the model is the usual DDPM otherwise).
     raw_model.train_stats = {'step': step, 'nan_skipped': nan_skipped, 'stopped_by': stop_reason}
     return raw_model
 
