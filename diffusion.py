@@ -308,22 +308,27 @@ class DDPM(nn.Module):
         e.g. `DDPM.from_checkpoint('weights.pth', channels=(32, 64), image_size=16)`.
         Keywords override the stored config.
         """
-        valid = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
-        for key in model_options:
-            if key not in valid:
-                raise ValueError(f'unknown model option {key!r}{closest(key, valid)}; valid: {list(valid)}')
-        ckpt = load_checkpoint(path, map_location=device)
-        stored = ckpt.get('config') or {}
-        model = create_cifar10_ddpm(**model_kwargs({**stored, **model_options}))
-        key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
-        advice = None
-        if not stored and not model_options:
-            advice = ("it carries no config (a bare state_dict), so it was matched against the default "
-                      "'base' model; pass the options it was trained with, e.g. "
-                      "DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
-                      "image_size=16)")
-        load_model_state(model, ckpt[key], source=path, advice=advice)
-        return model.to(device)
+        return model_from_checkpoint(load_checkpoint(path, map_location=device), ema, device, source=path,
+                                     **model_options)
+
+
+def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **model_options):
+    """DDPM.from_checkpoint for a checkpoint dict already in memory (from load_checkpoint)."""
+    valid = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
+    for key in model_options:
+        if key not in valid:
+            raise ValueError(f'unknown model option {key!r}{closest(key, valid)}; valid: {list(valid)}')
+    stored = ckpt.get('config') or {}
+    model = create_cifar10_ddpm(**model_kwargs({**stored, **model_options}))
+    key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
+    advice = None
+    if not stored and not model_options:
+        advice = ("it carries no config (a bare state_dict), so it was matched against the default "
+                  "'base' model; pass the options it was trained with, e.g. "
+                  "DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
+                  "image_size=16)")
+    load_model_state(model, ckpt[key], source=source, advice=advice)
+    return model.to(device)
 
 
 # ----- device, precision and layout (measured in bench/) ------------------------------------
@@ -447,33 +452,42 @@ def _load_failure_reason(e):
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
-def save_checkpoint(obj, path):
-    """torch.save atomically: write a temp file in the same folder, fsync, then rename over `path`.
+def atomic_write(path, write):
+    """Call write(file) on a temp file next to `path`, fsync it, then rename it over `path`.
 
-    A crash, kill -9 or full disk mid-write leaves the previous file intact.
+    A crash, kill -9 or full disk mid-write leaves the previous file intact;
+    the temp file is removed on any failure.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    prefix = f'.{os.path.basename(path)}.tmp'
-    tmp = os.path.join(folder, f'{prefix}{os.getpid()}')
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):  # a full disk, a read-only folder, ...: say which file, keep the errno
-            raise OSError(e.errno, f'could not write checkpoint {path} ({e.strerror or e}); '
-                                   f'the previous file, if any, is unchanged') from e
         raise
+    return path
+
+
+def save_checkpoint(obj, path):
+    """torch.save `obj` to `path` atomically (see atomic_write), then make the rename durable."""
+    path = os.fspath(path)
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:  # a full disk, a read-only folder, ...: say which file, keep the errno
+        raise OSError(e.errno, f'could not write checkpoint {path} ({e.strerror or e}); '
+                               f'the previous file, if any, is unchanged') from e
+    folder = os.path.dirname(os.path.abspath(path))
     _fsync_dir(folder)
-    _remove_stale_temps(folder, prefix)
+    _remove_stale_temps(folder, f'.{os.path.basename(path)}.tmp')
     return path
 
 

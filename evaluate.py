@@ -39,8 +39,9 @@ import time
 import numpy as np
 import torch
 
-from sample import (DEFAULT_DDIM_STEPS, HelpFormatter, add_runtime_options, atomic_write, batch_seed, default_device,
-                    load_model, read_npz_images, resolve_steps, run_cli, sample_checkpoint, write_json)
+from diffusion import atomic_write
+from sample import (DEFAULT_DDIM_STEPS, HelpFormatter, add_runtime_options, batch_seed, default_device, load_model,
+                    read_npz_images, resolve_steps, run_cli, sample_checkpoint, write_json)
 
 INCEPTION = 'inception-v3-compat'
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'

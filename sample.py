@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
-from diffusion import DDPM, CheckpointError, amp_dtype, load_checkpoint, resolve_device, use_channels_last
+from diffusion import (CheckpointError, amp_dtype, atomic_write, load_checkpoint, model_from_checkpoint,
+                       resolve_device, use_channels_last)
 
 DEFAULT_DDIM_STEPS = 50
 GRID_MAX_IMAGES = 256
@@ -87,24 +88,6 @@ def file_sha256(path, chunk=1 << 22):
     return digest.hexdigest()
 
 
-def atomic_write(path, write):
-    """Call write(file_object) on a temp file next to `path`, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def write_json(path, obj):
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + '\n').encode()))
 
@@ -143,8 +126,9 @@ def load_model(checkpoint, ema=None, device='cpu'):
     use_ema = has_ema if ema is None else bool(ema)
     info = {'checkpoint': os.path.abspath(checkpoint), 'ema': use_ema, 'step': ckpt.get('step'),
             'epoch': ckpt.get('epoch')}
-    del ckpt
-    model = DDPM.from_checkpoint(checkpoint, ema=use_ema, device=device).eval()
+    model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint).eval()
+    if use_channels_last(None, torch.device(device), None):
+        model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)
     return model, info
 
 
@@ -406,8 +390,6 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         model, info = load_model(checkpoint, ema=ema, device=device)
         steps = resolve_steps(model, sampler, steps)
         info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
-        if use_channels_last(None, torch.device(device), None):
-            model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)
         meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp)
 
         # An .npz finished earlier with the same options is reused (rank 0 decides for all ranks).

@@ -509,10 +509,16 @@ def _train(config, dist_info):
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c['grad_clip'] if c['grad_clip'] > 0 else math.inf)
                 # A NaN/inf loss can come with finite gradients (e.g. a NaN added outside the graph): check both.
                 finite = torch.isfinite(grad_norm) & torch.isfinite(torch.as_tensor(loss_value))
-                if world_size > 1:  # one rank's bad share must make every rank skip, or the replicas diverge
-                    finite = finite.to(device=device, dtype=torch.float32).reshape(1)
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                    finite = finite[0] > 0
+                stop_agreed = stop.requested is not None
+                if world_size > 1:
+                    # One collective a step settles both: one rank's bad share makes every rank skip
+                    # (or the replicas diverge), and a signal on any rank stops all after this step.
+                    flags = torch.stack([finite.to(device=device, dtype=torch.float32).reshape(()),
+                                         torch.tensor(0.0 if stop_agreed else 1.0, device=device)])
+                    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+                    finite, stop_agreed = flags[0] > 0, bool(flags[1] == 0)
+                    if stop_agreed and stop.requested is None:
+                        stop.requested = 'signal'
                 if finite:
                     optimizer.step()
                     ema_update(ema_params, params, ema_decay_at(step, c['ema_decay']))
@@ -549,11 +555,7 @@ def _train(config, dist_info):
                         bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{ips:.1f}')
                     log_t, log_images, loss_sum, loss_count = now, 0, 0.0, 0
 
-                if world_size > 1:  # every rank must agree to stop at the same step
-                    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop.requested = stop.requested or ('signal' if flag.item() > 0 else None)
-                if stop.requested:
+                if stop_agreed if world_size > 1 else stop.requested:
                     stop_reason = 'signal'
                     break
                 if step >= total_steps:
