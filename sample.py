@@ -203,7 +203,7 @@ class PartialRun:
 
 
 # The options that change the images; a partial run is continued only when all of them match.
-IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'eta', 'seed', 'batch_size', 'image_shape')
+IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'eta', 'seed', 'batch_size', 'amp', 'image_shape')
 
 
 def meta_difference(old, new):

@@ -126,6 +126,9 @@ def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, c
     assert code == 2
     assert out.err.startswith('error: ') and 'other options' in out.err and 'seed: 5 then, 6 now' in out.err
     assert len(out.err.strip().splitlines()) == 1
+    # The network's precision changes the images too (bf16 and fp32 round differently).
+    code, out = run_main([*args, '--amp', 'fp32', '--npz', str(npz)], capsys)
+    assert code == 2 and "amp: 'auto' then, 'fp32' now" in out.err
 
     calls.clear()
 
