@@ -52,6 +52,23 @@ def zero_init(module):
     return module
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU mask comes from a uniform draw and a threshold.
+
+    F.dropout draws its CPU mask with bernoulli_, which costs about twice
+    rand_like plus a compare; a ResNet block's dropout then takes ~6% of an
+    fp32 training step. Same distribution, same scaling by 1/(1-p). CUDA keeps
+    the fused kernel, which is faster there.
+    """
+
+    def forward(self, x):
+        if not (self.training and 0 < self.p < 1 and x.device.type == 'cpu'):
+            return super().forward(x)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        # A Python-scalar scale is applied in fp32 even to bf16 x: no rounded 1/(1-p).
+        return x * keep * (1 / (1 - self.p))
+
+
 class SinusoidalTimeEmbedding(nn.Module):
     """The Transformer's sinusoidal position encoding of the step t, then a 2-layer MLP."""
 
@@ -79,7 +96,7 @@ class ResNetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(time_emb_dim, out_channels)
         self.norm2 = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # A 1x1 conv matches channels on the skip path only where they change.
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()

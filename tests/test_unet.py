@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion import DDPM, create_cifar10_ddpm
-from model.Blocks import ResNetBlock, SelfAttention, SinusoidalTimeEmbedding, UNet
+from model.Blocks import Dropout, ResNetBlock, SelfAttention, SinusoidalTimeEmbedding, UNet
 
 
 def count(module):
@@ -189,6 +189,41 @@ def test_network_output_depends_on_t():
     with torch.no_grad():
         out = net(x, torch.tensor([10, 600]))
     assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+# ----- dropout --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('p', [0.1, 0.5])
+def test_dropout_keeps_1_minus_p_and_rescales_by_its_inverse(p):
+    """Training mode zeroes each element with probability p (within 5 SE over 2**20 draws) and
+    scales the rest by exactly 1/(1-p); the gradient is the same mask times the same scale."""
+    torch.manual_seed(0)
+    x = (torch.rand(16, 8, 64, 128) + 0.5).requires_grad_()
+    y = Dropout(p).train()(x)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / (1 - p))
+
+
+def test_dropout_masks_differ_across_calls_and_follow_the_seed():
+    """A fresh mask per call, reproducible from torch.manual_seed (train.py seeds it per step)."""
+    x = torch.ones(4, 8, 16, 16)
+    drop = Dropout(0.3).train()
+    torch.manual_seed(7)
+    a, b = drop(x), drop(x)
+    torch.manual_seed(7)
+    assert not torch.equal(a, b) and torch.equal(drop(x), a)
+
+
+def test_dropout_is_the_identity_in_eval_and_at_p_0_and_keeps_dtype_and_layout():
+    x = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(Dropout(0.3).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    y = Dropout(0.3).train()(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
 
 
 # ----- gradients ------------------------------------------------------------------------------
