@@ -1,6 +1,6 @@
 """Run every benchmark in bench/, print their tables and write bench/results/*.json.
 
-    pip install -r bench/requirements.txt && python bench/run_all.py          # ~15 min on 2 CPU cores
+    pip install -r bench/requirements.txt && python bench/run_all.py          # ~20 min on 2 CPU cores
     python bench/run_all.py --quick                                           # a few minutes: fewer rounds
 
 On CPU the training and sampling benchmarks run in a child process started with
@@ -52,7 +52,8 @@ def main():
     if 'paper' not in args.skip:
         rounds = ['--rounds', 2, '--warmup', 1] if q else ['--rounds', 4 if not cuda else 30]
         bs = ['--batch-sizes', 8] if not cuda else []
-        variants = ['--variants', 'diffusers', 'ours-fp32', 'ours-bf16-cl']
+        # train.py's defaults: fp32 runs channels_last everywhere; bf16 runs NCHW on CPU, channels_last on CUDA.
+        variants = ['--variants', 'diffusers', 'ours-fp32-cl', 'ours-bf16-cl' if cuda else 'ours-bf16']
         failed += ['paper'] * bool(run('bench_train.py', *dev, '--arch', 'ddpm-paper', *rounds, *bs, *variants, env=env))
     if 'sample' not in args.skip:
         rounds = ['--rounds', 3] if q else []
