@@ -64,9 +64,12 @@ class Dropout(nn.Dropout):
     def forward(self, x):
         if not (self.training and 0 < self.p < 1 and x.device.type == 'cpu'):
             return super().forward(x)
-        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
-        # A Python-scalar scale is applied in fp32 even to bf16 x: no rounded 1/(1-p).
-        return x * keep * (1 / (1 - self.p))
+        scale = 1 / (1 - self.p)
+        u = torch.rand_like(x, dtype=torch.float32)
+        if x.dtype == torch.float32:
+            return x * u.ge_(self.p).mul_(scale)  # the mask, scaled in place: one pass over x
+        # bf16/fp16: a Python-scalar scale is applied in fp32, so 1/(1-p) is not rounded.
+        return x * (u >= self.p) * scale
 
 
 class SinusoidalTimeEmbedding(nn.Module):

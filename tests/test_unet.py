@@ -205,7 +205,18 @@ def test_dropout_keeps_1_minus_p_and_rescales_by_its_inverse(p):
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
     assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
     y.sum().backward()
-    assert torch.equal(x.grad, kept.float() / (1 - p))
+    assert torch.allclose(x.grad, kept.float() / (1 - p), rtol=1e-6, atol=0)
+
+
+def test_dropout_in_bf16_scales_by_the_unrounded_inverse():
+    """bf16 activations (CPU autocast) are scaled by 1/(1-p) in fp32: the mean ratio of kept outputs
+    to inputs is 1/0.9 to 1e-4, where a scale rounded to bf16 (1.109375) would be 1.6e-3 off."""
+    torch.manual_seed(0)
+    x = (torch.rand(16, 8, 64, 128) + 0.5).bfloat16()
+    y = Dropout(0.1).train()(x)
+    kept = y != 0
+    assert y.dtype == torch.bfloat16
+    assert abs((y[kept].float() / x[kept].float()).mean().item() - 1 / 0.9) < 1e-4
 
 
 def test_dropout_masks_differ_across_calls_and_follow_the_seed():
