@@ -335,17 +335,14 @@ def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **m
 
 def resolve_device(device):
     """The device to train on: the one asked for (checked), else CUDA, then MPS, then CPU."""
+    mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
     if device is None:
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
+        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
     device = torch.device(device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device='{device}' was asked for but CUDA is not available to this PyTorch; "
                          f"use --device cpu (or install a CUDA build of PyTorch)")
-    if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+    if device.type == 'mps' and not mps:
         raise ValueError("device='mps' was asked for but MPS is not available; use --device cpu")
     return device
 
@@ -367,6 +364,11 @@ def amp_dtype(amp, device):
     if amp == 'auto' and (device.type == 'cuda' or (device.type == 'cpu' and cpu_has_native_bf16())):
         return torch.bfloat16
     return None
+
+
+def autocast(device, dtype):
+    """Autocast to `dtype` on `device` (from amp_dtype); dtype None runs in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def use_channels_last(channels_last, device, autocast_dtype):

@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import hashlib
 import io
-import json
 import math
 import os
 import sys
@@ -39,9 +38,10 @@ import time
 import numpy as np
 import torch
 
+from data.process_cifar import to_model_range
 from diffusion import atomic_write
-from sample import (DEFAULT_DDIM_STEPS, HelpFormatter, add_runtime_options, batch_seed, default_device, load_model,
-                    read_npz_images, resolve_steps, run_cli, sample_checkpoint, write_json)
+from sample import (DEFAULT_DDIM_STEPS, HelpFormatter, add_runtime_options, batch_seed, default_device, file_sha256,
+                    load_model, read_json, read_npz_images, resolve_steps, run_cli, sample_checkpoint, write_json)
 
 INCEPTION = 'inception-v3-compat'
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
@@ -86,11 +86,7 @@ def load_images(source, data_dir='data', train=True, image_size=32):
     if os.path.isdir(source):
         return read_folder(source)
     split = 'train' if train else 'test'
-    try:
-        from data.process_cifar import load_dataset
-    except ImportError as e:
-        raise EvalError(f'cannot read dataset {source!r}: data/process_cifar.py is not importable ({e}); '
-                        f'pass a folder or an .npz of images instead') from None
+    from data.process_cifar import load_dataset   # looked up at call time (tests swap in a stand-in)
     try:
         images = load_dataset(source, data_dir, image_size=image_size, train=train)
     except Exception as e:  # for CIFAR-10 typically a failed download: no network
@@ -99,31 +95,26 @@ def load_images(source, data_dir='data', train=True, image_size=32):
             raise EvalError(f'cannot read dataset {source!r} ({split} split) from {data_dir}: {reason}') from None
         raise EvalError(f'{reason} [CIFAR-10 {split} split: download {CIFAR10_URL} into {data_dir}/, or pass an '
                         f'image folder or .npz' + (' or --ref_stats STATS.npz]' if train else ']')) from None
-    images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise EvalError(f'load_dataset({source!r}) returned {images.dtype} {list(images.shape)}, '
-                        f'expected uint8 [N, C, H, W]')
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def source_fingerprint(source):
     """A short id of an image source for cache names: content-based for files, listing-based for folders."""
-    digest = hashlib.sha256()
     if os.path.isfile(source):
-        with open(source, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 22), b''):
-                digest.update(block)
+        hexdigest = file_sha256(source)
     elif os.path.isdir(source):
+        digest = hashlib.sha256()
         for root, _, names in sorted(os.walk(source)):
             for name in sorted(names):
                 if name.lower().endswith(IMAGE_EXTENSIONS):
                     st = os.stat(os.path.join(root, name))
                     digest.update(f'{os.path.relpath(os.path.join(root, name), source)}:{st.st_size}:'
                                   f'{st.st_mtime_ns};'.encode())
+        hexdigest = digest.hexdigest()
     else:
         return source
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
-    return f'{name}-{digest.hexdigest()[:12]}'
+    return f'{name}-{hexdigest[:12]}'
 
 
 # ----- features (torch-fidelity) ---------------------------------------------------------------
@@ -320,7 +311,7 @@ def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, devic
     totals, priors, kls, decoders, term_sums = [], [], [], [], torch.zeros(T, dtype=torch.float64)
     for b, start in enumerate(starts):
         x_0 = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
-        x_0 = (x_0.float() / 127.5 - 1.0).to(device)
+        x_0 = to_model_range(x_0).to(device)
         n = x_0.shape[0]
         generator = torch.Generator().manual_seed(batch_seed(seed, b))
 
@@ -332,8 +323,8 @@ def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, devic
         decoder = term(torch.zeros(n, dtype=torch.long, device=device))
         if bar is not None:
             bar.update(1)
+        kl = torch.zeros(n, dtype=torch.float64)
         if mode == 'exact':
-            kl = torch.zeros(n, dtype=torch.float64)
             term_sums[0] += decoder.sum()
             for step in range(1, T):
                 value = term(torch.full((n,), step, dtype=torch.long, device=device))
@@ -342,7 +333,6 @@ def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, devic
                 if bar is not None:
                     bar.update(1)
         else:
-            kl = torch.zeros(n, dtype=torch.float64)
             for _ in range(t_samples if T > 1 else 0):
                 t = torch.randint(1, T, (n,), generator=generator).to(device)
                 kl += term(t)
@@ -382,14 +372,10 @@ def result_key(metric, options):
 
 def record(path, metric, options, results):
     """Merge one result into the JSON file at `path`, keyed by metric and options; returns the key."""
-    data = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            print(f'warning: {path} was unreadable; starting it afresh', file=sys.stderr)
-            data = {}
+    data = read_json(path) if os.path.exists(path) else {}
+    if not isinstance(data, dict):
+        print(f'warning: {path} was unreadable; starting it afresh', file=sys.stderr)
+        data = {}
     key = result_key(metric, options)
     data[key] = {'metric': metric, 'options': options, 'results': results,
                  'time': datetime.datetime.now().isoformat(timespec='seconds')}

@@ -30,13 +30,13 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
-from diffusion import (CheckpointError, amp_dtype, atomic_write, load_checkpoint, model_from_checkpoint,
+from diffusion import (CheckpointError, amp_dtype, atomic_write, autocast, load_checkpoint, model_from_checkpoint,
                        resolve_device, use_channels_last)
 
 DEFAULT_DDIM_STEPS = 50
@@ -86,6 +86,15 @@ def file_sha256(path, chunk=1 << 22):
         for block in iter(lambda: f.read(chunk), b''):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path):
+    """The JSON in `path`, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_json(path, obj):
@@ -148,7 +157,7 @@ def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=
     model.eval()
     device = torch.device(device) if device is not None else model.betas.device
     dtype = amp_dtype(amp, device)
-    with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+    with autocast(device, dtype):
         x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
                          progress=progress)
     return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
@@ -170,12 +179,7 @@ class PartialRun:
         """Create the folder for `meta`, or check that an existing one was made with the same options."""
         meta_path = os.path.join(self.folder, 'meta.json')
         if os.path.exists(meta_path):
-            try:
-                with open(meta_path) as f:
-                    old = json.load(f)
-            except (OSError, ValueError):
-                old = None
-            diff = meta_difference(old, meta)
+            diff = meta_difference(read_json(meta_path), meta)
             if diff:
                 raise ValueError(f'{self.folder} holds a partial run made with other options ({diff}); rerun with '
                                  f'the same options to continue it, or delete that folder (or choose another '
@@ -245,21 +249,19 @@ class Distributed:
     """
 
     def __init__(self, device):
-        import torch.distributed as dist
-        running = dist.is_available() and dist.is_initialized()
-        self.world_size = dist.get_world_size() if running else int(os.environ.get('WORLD_SIZE', '1'))
-        self.rank = dist.get_rank() if running else int(os.environ.get('RANK', '0'))
+        running = torch_dist.is_available() and torch_dist.is_initialized()
+        self.world_size = torch_dist.get_world_size() if running else int(os.environ.get('WORLD_SIZE', '1'))
+        self.rank = torch_dist.get_rank() if running else int(os.environ.get('RANK', '0'))
         self.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
         self.device = device
         self.started = False
         if self.world_size > 1:
-            import torch.distributed as dist
             if torch.device(device).type == 'cuda':
                 self.device = f'cuda:{self.local_rank}'
                 torch.cuda.set_device(self.local_rank)
-            if not dist.is_initialized():
+            if not torch_dist.is_initialized():
                 backend = 'nccl' if torch.device(self.device).type == 'cuda' else 'gloo'
-                dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+                torch_dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
                 self.started = True
 
     @property
@@ -268,31 +270,27 @@ class Distributed:
 
     def barrier(self):
         if self.world_size > 1:
-            import torch.distributed as dist
-            dist.barrier()
+            torch_dist.barrier()
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
         if self.world_size == 1:
             return obj
-        import torch.distributed as dist
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather(self, obj):
         """The list of every rank's `obj` on rank 0 (None elsewhere)."""
         if self.world_size == 1:
             return [obj]
-        import torch.distributed as dist
         out = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
+        torch_dist.gather_object(obj, out, dst=0)
         return out
 
     def close(self):
         if self.started:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            torch_dist.destroy_process_group()
 
 
 def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
@@ -426,12 +424,8 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
 def reuse_complete_npz(npz, meta, num_samples):
     """The images of an existing .npz made with the same options and at least `num_samples` images, else None."""
     sidecar = f'{npz}.json'
-    if not (os.path.exists(npz) and os.path.exists(sidecar)):
-        return None
-    try:
-        with open(sidecar) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
+    old = read_json(sidecar) if os.path.exists(npz) else None
+    if old is None:
         return None
     if meta_difference(old, meta) or old.get('num_samples', 0) < num_samples:
         return None

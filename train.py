@@ -18,6 +18,7 @@ import argparse
 import copy
 import datetime
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -33,9 +34,9 @@ import torch
 import torch.distributed as dist
 
 from data.process_cifar import InMemoryLoader, load_dataset
-from diffusion import (DDPM_OPTIONS, UNET_OPTIONS, CheckpointError, amp_dtype, closest, create_cifar10_ddpm,
-                       load_checkpoint, load_model_state, model_kwargs, resolve_device, save_checkpoint,
-                       use_channels_last)
+from diffusion import (DDPM_OPTIONS, UNET_OPTIONS, CheckpointError, amp_dtype, autocast, closest,
+                       create_cifar10_ddpm, load_checkpoint, load_model_state, model_kwargs, resolve_device,
+                       save_checkpoint, use_channels_last)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -43,7 +44,6 @@ MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
 def checked_options(fn):
     """Make fn(**kwargs) reject unknown keys with a ValueError that lists the valid ones."""
-    import functools
     valid = list(inspect.signature(fn).parameters)
 
     @functools.wraps(fn)
@@ -458,8 +458,7 @@ def _train(config, dist_info):
             return
         grid_made_at['step'] = step
         g = torch.Generator().manual_seed(c['seed'])
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with ctx:
+        with autocast(device, autocast_dtype):
             x = ema_model.sample(c['num_samples'], device=device, sampler=c['sample_sampler'],
                                  steps=c['sample_steps'] if c['sample_sampler'] == 'ddim' else None,
                                  generator=g, progress=True)
@@ -501,7 +500,7 @@ def _train(config, dist_info):
                     sl = slice(m * micro, (m + 1) * micro)
                     sync = m == c['accum_steps'] - 1 or world_size == 1
                     ctx = train_module.no_sync() if (not sync and hasattr(train_module, 'no_sync')) else nullcontext()
-                    with ctx, (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()):
+                    with ctx, autocast(device, autocast_dtype):
                         loss = train_module(x_0[sl], t_rank[sl], eps_rank[sl])
                     (loss / c['accum_steps']).backward()
                     loss_value += loss.detach() / c['accum_steps']

@@ -70,10 +70,7 @@ def mode_env(mode):
 
 def micro():
     """Subprocess mode: allocate/fill/free a 64 MiB tensor 20 times; print faults and time."""
-    if os.environ.get('BENCH_MALLOPT') == '1':
-        common.apply_mallopt()
-    if os.environ.get('BENCH_LATE_ENV') == '1':
-        os.environ['GLIBC_TUNABLES'] = common.GLIBC_TUNABLES_KEEP
+    common.apply_allocator_mode()
     import torch
     torch.empty(16 * 2 ** 20).fill_(1.0)  # warm up
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -127,7 +124,7 @@ def main(argv=None):
     for bs in args.batch_sizes:
         res = {m: [] for m in modes}
         for r in range(args.rounds):
-            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+            for mode in common.rotated(modes, r):
                 res[mode].append(bench_train.run_worker(args.variant, 'base', bs, 'cpu', args.steps,
                                                         env=mode_env(mode)))
         base = median([t for x in res['glibc'] for t in x['times'][1:]]) if 'glibc' in res else None

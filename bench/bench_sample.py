@@ -114,7 +114,7 @@ def main(argv=None):
             s.nfe()
     times = {s.name: [] for s in samplers}
     for r in range(rounds):
-        for s in samplers[r % len(samplers):] + samplers[:r % len(samplers)]:
+        for s in common.rotated(samplers, r):
             dt, _ = common.timed(s.nfe, device)
             times[s.name].append(dt)
     baseline = 'diffusers' if 'diffusers' in times else args.variants[0]

@@ -126,8 +126,7 @@ def run_interleaved(names, arch, batch_size, device, rounds, warmup):
                 tr.compile_s = dt
     times = {tr.name: [] for tr in trainers}
     for r in range(rounds):
-        order = trainers[r % len(trainers):] + trainers[:r % len(trainers)]
-        for tr in order:
+        for tr in common.rotated(trainers, r):
             dt, _ = common.timed(lambda: tr.step(x), device)
             times[tr.name].append(dt)
     baseline = 'diffusers' if 'diffusers' in times else names[0]
@@ -145,10 +144,7 @@ def run_interleaved(names, arch, batch_size, device, rounds, warmup):
 
 def worker(variant, arch, batch_size, device_name, steps):
     """Subprocess mode: a few steps of one variant in a fresh process; prints one JSON line."""
-    if os.environ.get('BENCH_MALLOPT') == '1':
-        common.apply_mallopt()
-    if os.environ.get('BENCH_LATE_ENV') == '1':  # to show that this does nothing: glibc read its tunables at start
-        os.environ['GLIBC_TUNABLES'] = common.GLIBC_TUNABLES_KEEP
+    common.apply_allocator_mode()
     device = pick_device(device_name)
     tr = Trainer(variant, VARIANTS[variant], arch, device)
     x = make_batch(batch_size, device)

@@ -221,19 +221,21 @@ def print_table(rows, columns, title=None):
 GLIBC_TUNABLES_KEEP = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184'
 
 
-def apply_mallopt(trim_threshold=2 ** 31 - 1):
-    """The same as GLIBC_TUNABLES_KEEP, applied to the running process through glibc's mallopt().
+def apply_allocator_mode():
+    """In a benchmark subprocess: bench_malloc.py's 'mallopt' and 'late-env' modes, chosen by the environment.
 
-    Unlike the environment variable (read once, when the process starts), mallopt
-    takes effect immediately. Returns False where the C library is not glibc.
+    'mallopt' is what train.py does for itself on CPU (keep_freed_memory); 'late-env'
+    sets GLIBC_TUNABLES after start to show that it does nothing then (glibc reads
+    its tunables once, when the process starts).
     """
-    import ctypes
-    import ctypes.util
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    if os.environ.get('BENCH_MALLOPT') == '1':
+        from train import keep_freed_memory
+        keep_freed_memory()
+    if os.environ.get('BENCH_LATE_ENV') == '1':
+        os.environ['GLIBC_TUNABLES'] = GLIBC_TUNABLES_KEEP
+
+
+def rotated(items, r):
+    """items started at position r (mod len): round r's order, so no variant always runs first."""
+    k = r % len(items)
+    return items[k:] + items[:k]

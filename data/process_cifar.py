@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from diffusion import atomic_write
+
 DATASETS = ('cifar10', 'folder', 'synthetic')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
@@ -269,13 +271,7 @@ def _write_cache(images, key, candidates):
 def _atomic_save(obj, path):
     """torch.save via a temporary file and rename, so concurrent ranks never read a half-written cache."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -12,6 +12,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+# A train_ddpm run that takes seconds on one CPU thread: a two-level U-Net on 16x16 images,
+# no sample grids, a scalar log every step (test_train.py, test_reliability.py).
+TRAIN_SIZE = 16
+TINY_TRAIN = dict(device='cpu', channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,), time_emb_dim=32,
+                  image_size=TRAIN_SIZE, batch_size=8, lr=1e-3, warmup_steps=2, save_every=1000, sample_every=1000,
+                  num_samples=0, sample_steps=2, log_every=1)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def one_thread():
     """One CPU thread for every test: the tiny test models run faster on one thread than on two

@@ -18,7 +18,8 @@ from PIL import Image
 from data import process_cifar
 from data.process_cifar import InMemoryLoader, load_dataset, to_model_range, to_uint8
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 CIFAR_JPEG_TAR = os.path.join(ROOT, '..', 'shared', 'data', 'cifar10-jpeg.tar.gz')
 
 

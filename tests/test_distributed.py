@@ -37,7 +37,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 # amp='fp32': bf16 autocast (the default on CPUs with native bf16) rounds differently
 # for different per-rank batch shapes, which would hide the float-rounding comparison.

@@ -27,13 +27,9 @@ import train
 from diffusion import (DDPM, CheckpointError, clean_state_dict, create_cifar10_ddpm, load_checkpoint,
                        load_model_state, save_checkpoint)
 from train import train_ddpm
-from conftest import assert_same_tensors, load, make_image_folder
+from conftest import ROOT, TINY_TRAIN, TRAIN_SIZE, assert_same_tensors, load, make_image_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 16
-TINY = dict(device='cpu', channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,), time_emb_dim=32,
-            image_size=SIZE, batch_size=8, lr=1e-3, warmup_steps=2, save_every=1000, sample_every=1000,
-            num_samples=0, sample_steps=2, log_every=1)
+SIZE, TINY = TRAIN_SIZE, TINY_TRAIN
 TINY_FLAGS = ['--device', 'cpu', '--channels', '16', '32', '--num_res_blocks', '1', '--attn_resolutions', '8',
               '--time_emb_dim', '32', '--image_size', str(SIZE), '--batch_size', '8', '--lr', '0.001',
               '--warmup_steps', '2', '--save_every', '1000', '--sample_every', '1000', '--num_samples', '0',

@@ -12,7 +12,8 @@ from PIL import Image
 import sample
 from diffusion import DDPM, create_cifar10_ddpm, save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 SAMPLE_PY = os.path.join(ROOT, 'sample.py')
 TIMESTEPS = 10
 SIZE = 8

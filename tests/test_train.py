@@ -18,13 +18,9 @@ from PIL import Image
 import train
 from diffusion import DDPM
 from train import train_ddpm
-from conftest import assert_same_tensors, load, make_image_folder
+from conftest import ROOT, TINY_TRAIN, TRAIN_SIZE, assert_same_tensors, load, make_image_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 16
-TINY = dict(device='cpu', channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,), time_emb_dim=32,
-            image_size=SIZE, batch_size=8, lr=1e-3, warmup_steps=2, save_every=1000, sample_every=1000,
-            num_samples=0, sample_steps=2, log_every=1)
+SIZE, TINY = TRAIN_SIZE, TINY_TRAIN
 
 
 @pytest.fixture(scope='module')
