@@ -37,7 +37,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load
 
 # amp='fp32': bf16 autocast (the default on CPUs with native bf16) rounds differently
 # for different per-rank batch shapes, which would hide the float-rounding comparison.
@@ -84,10 +84,6 @@ def digest(tensors):
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def max_diffs(a, b):
