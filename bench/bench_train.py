@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from common import autocast, median, pick_device, sync  # noqa: E402
+from common import autocast, median, pick_device  # noqa: E402
 
 # name -> options. 'adam': fused / foreach / default (torch.optim.Adam with no flags:
 # a per-parameter loop on CPU, foreach on CUDA). 'ema': foreach (torch._foreach_lerp_) / loop.
