@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import samplers
 from model.Blocks import UNet, build_unet
 
 
@@ -172,79 +173,20 @@ class DDPM(nn.Module):
         var = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
         return mean, extract(var, t, x_t.shape), extract(var.log(), t, x_t.shape), x_0_pred
 
-    def _noise(self, shape, generator, device):
-        # Drawn on the generator's device (CPU by default) and moved, so one seed
-        # gives the same samples on every device.
-        gen_device = generator.device if generator is not None else device
-        return torch.randn(shape, generator=generator, device=gen_device).to(device)
-
     def ddim_timesteps(self, steps):
-        """The DDIM sub-sequence tau: `steps` steps spread evenly over 0..T-1, both ends included.
-
-        A single step is T-1 alone: the chain must start where x_T ~ N(0, I) holds.
-        """
-        if not 1 <= steps <= self.timesteps:
-            raise ValueError(f'steps must be between 1 and timesteps={self.timesteps}, got {steps}')
-        if steps == 1:
-            return torch.tensor([self.timesteps - 1])
-        return torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long().unique()
+        """The DDIM sub-sequence tau of `steps` steps (see samplers.ddim_timesteps)."""
+        return samplers.ddim_timesteps(self.timesteps, steps)
 
     @torch.inference_mode()
     def sample_progressive(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None,
                            progress=True, clip_denoised=True, x_T=None):
         """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
-        See `sample` for the arguments.
+        See `sample` for the arguments; the samplers themselves are in samplers.py.
         """
-        if sampler not in ('ddpm', 'ddim'):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        if sampler == 'ddpm' and steps not in (None, self.timesteps):
-            raise ValueError(f"the 'ddpm' sampler runs all {self.timesteps} steps; for fewer steps use "
-                             f"sampler='ddim', steps={steps} (eta=1.0 makes it stochastic)")
         device = torch.device(device) if device is not None else self.betas.device
-        shape = (n, *self.image_shape)
-        x = x_T.to(device) if x_T is not None else self._noise(shape, generator, device)
-
-        if sampler == 'ddpm':
-            seq = torch.arange(self.timesteps - 1, -1, -1)
-        else:
-            seq = self.ddim_timesteps(steps or self.timesteps).flip(0)
-        bar = seq.tolist()
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(bar, desc=f'sampling ({sampler}, {len(seq)} steps)', leave=False)
-
-        for i, step in enumerate(bar):
-            t = torch.full((n,), step, device=device, dtype=torch.long)
-            if sampler == 'ddpm':
-                x, x_0_pred = self._ddpm_step(x, t, step, generator, clip_denoised)
-            else:
-                prev = int(seq[i + 1]) if i + 1 < len(seq) else -1
-                x, x_0_pred = self._ddim_step(x, t, step, prev, eta, generator, clip_denoised)
-            yield step, x, x_0_pred
-        yield -1, x.clamp(-1.0, 1.0), x_0_pred
-
-    def _ddpm_step(self, x_t, t, step, generator, clip_denoised):
-        """Algorithm 2, one step: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
-        mean, _, log_var, x_0_pred = self.p_mean_variance(x_t, t, clip_denoised)
-        if step == 0:
-            return mean, x_0_pred
-        return mean + torch.exp(0.5 * log_var) * self._noise(x_t.shape, generator, x_t.device), x_0_pred
-
-    def _ddim_step(self, x_t, t, step, prev, eta, generator, clip_denoised):
-        """DDIM, Eq. (12) of Song et al.: step from t to prev (prev = -1 means a-bar = 1, i.e. x_0)."""
-        eps = self.network(x_t, t).float()
-        x_0_pred = self.predict_x0_from_eps(x_t, t, eps)
-        if clip_denoised:
-            x_0_pred = x_0_pred.clamp(-1.0, 1.0)
-            eps = self.predict_eps_from_x0(x_t, t, x_0_pred)
-        abar_t = self.alphas_cumprod[step]
-        abar_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones_like(abar_t)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
-        x_prev = abar_prev.sqrt() * x_0_pred + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
-        if eta > 0 and prev >= 0:
-            x_prev = x_prev + sigma * self._noise(x_t.shape, generator, x_t.device)
-        return x_prev, x_0_pred
+        yield from samplers.sample_loop(self, n, device, sampler, steps, eta, generator, progress, clip_denoised,
+                                        x_T)
 
     def sample(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
                clip_denoised=True, x_T=None):

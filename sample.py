@@ -38,8 +38,8 @@ import torch.distributed as torch_dist
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
 from diffusion import (CheckpointError, amp_dtype, atomic_write, autocast, load_checkpoint, model_from_checkpoint,
                        resolve_device, use_channels_last)
+from samplers import DEFAULT_DDIM_STEPS
 
-DEFAULT_DDIM_STEPS = 50
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
 TRAJECTORY_COLUMNS = 11   # x_T, 9 intermediate x_t, x_0
