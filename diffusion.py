@@ -1,20 +1,21 @@
 """Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020, arXiv:2006.11239).
 
-`DDPM` wraps any noise-prediction network eps_theta(x_t, t) with the forward
-process q(x_t | x_0), the training objective L_simple and two samplers: the
-paper's ancestral sampler (Algorithm 2) and DDIM (Song et al. 2020,
-arXiv:2010.02502). It also evaluates the variational bound in bits/dim.
+`DDPM` wraps any noise-prediction network eps_theta(x_t, t) with the noise
+schedule, the forward process q(x_t | x_0), the training objective L_simple, the
+reverse-process distribution p_theta(x_{t-1} | x_t) and the variational bound in
+bits/dim. The samplers that walk the reverse chain (the paper's Algorithm 2,
+DDIM) are in samplers.py. This module knows nothing of files, devices or
+command lines: checkpoints are checkpoint.py's, run-time choices runtime.py's.
 
 Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
 paper's beta_1, `alphas_cumprod[t]` is a-bar_{t+1}, and the sampler's last
 step (code t = 0) is the paper's t = 1, which adds no noise.
 """
 
-import difflib
+import importlib
 import inspect
 import math
-import os
-import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -250,76 +251,9 @@ class DDPM(nn.Module):
         e.g. `DDPM.from_checkpoint('weights.pth', channels=(32, 64), image_size=16)`.
         Keywords override the stored config.
         """
+        from checkpoint import load_checkpoint, model_from_checkpoint  # checkpoint.py builds on this module
         return model_from_checkpoint(load_checkpoint(path, map_location=device), ema, device, source=path,
                                      **model_options)
-
-
-def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **model_options):
-    """DDPM.from_checkpoint for a checkpoint dict already in memory (from load_checkpoint)."""
-    valid = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
-    for key in model_options:
-        if key not in valid:
-            raise ValueError(f'unknown model option {key!r}{closest(key, valid)}; valid: {list(valid)}')
-    stored = ckpt.get('config') or {}
-    model = create_cifar10_ddpm(**model_kwargs({**stored, **model_options}))
-    key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
-    advice = None
-    if not stored and not model_options:
-        advice = ("it carries no config (a bare state_dict), so it was matched against the default "
-                  "'base' model; pass the options it was trained with, e.g. "
-                  "DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
-                  "image_size=16)")
-    load_model_state(model, ckpt[key], source=source, advice=advice)
-    return model.to(device)
-
-
-# ----- device, precision and layout (measured in bench/) ------------------------------------
-
-def resolve_device(device):
-    """The device to train on: the one asked for (checked), else CUDA, then MPS, then CPU."""
-    mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
-    if device is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
-    device = torch.device(device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device='{device}' was asked for but CUDA is not available to this PyTorch; "
-                         f"use --device cpu (or install a CUDA build of PyTorch)")
-    if device.type == 'mps' and not mps:
-        raise ValueError("device='mps' was asked for but MPS is not available; use --device cpu")
-    return device
-
-
-def cpu_has_native_bf16():
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
-
-
-def amp_dtype(amp, device):
-    """The autocast dtype (None: fp32). 'auto' is bf16 on CUDA and on CPUs with native bf16 (bench/)."""
-    if amp == 'bf16':
-        return torch.bfloat16
-    if amp == 'auto' and (device.type == 'cuda' or (device.type == 'cpu' and cpu_has_native_bf16())):
-        return torch.bfloat16
-    return None
-
-
-def autocast(device, dtype):
-    """Autocast to `dtype` on `device` (from amp_dtype); dtype None runs in fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def use_channels_last(channels_last, device, autocast_dtype):
-    """channels_last=None picks the measured faster layout: NHWC, except CPU bf16 (NCHW was 1.17x faster)."""
-    if device.type == 'mps':
-        return False
-    if channels_last is None:
-        return not (device.type == 'cpu' and autocast_dtype is not None)
-    return channels_last
 
 
 # ----- building and loading -------------------------------------------------------------------
@@ -349,163 +283,15 @@ def model_kwargs(config):
             if k in keys and v is not None}
 
 
-class CheckpointError(ValueError):
-    """A file that cannot be used as a checkpoint; the message says why and what to do."""
+# Names that lived here before checkpoint.py and runtime.py existed; old imports keep working.
+MOVED = {name: 'checkpoint' for name in ('CheckpointError', 'load_checkpoint', 'save_checkpoint', 'clean_state_dict',
+                                         'load_model_state', 'model_from_checkpoint')}
+MOVED.update({name: 'runtime' for name in ('resolve_device', 'cpu_has_native_bf16', 'amp_dtype', 'autocast',
+                                           'use_channels_last', 'atomic_write', 'closest')})
 
 
-def load_checkpoint(path, map_location='cpu'):
-    """torch.load a checkpoint safely (weights_only=True) with one-line errors for bad files.
-
-    A raw state_dict (a dict of tensors) is accepted and returned as
-    {'model_state_dict': state_dict}.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'checkpoint not found: {path} (check the path, or train one with python train.py)')
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f'checkpoint {path} is empty (0 bytes); it was probably cut off while writing; '
-                              f'use an earlier checkpoint')
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        raise CheckpointError(f'cannot load checkpoint {path}: {_load_failure_reason(e)}') from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)')
-    if 'model_state_dict' not in ckpt:
-        if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-            return {'model_state_dict': ckpt}
-        raise CheckpointError(f'{path} is not a DDPM checkpoint: it has no model_state_dict '
-                              f'(keys: {sorted(ckpt)[:8]})')
-    return ckpt
-
-
-def _load_failure_reason(e):
-    """Why torch.load(weights_only=True) failed, in words a user can act on."""
-    text = str(e)
-    unsafe = re.search(r'GLOBAL ([\w.]+)', text)  # 'Unsupported global: GLOBAL x.y' or '... GLOBAL x.y whose module'
-    if unsafe:
-        return (f'it asks to import {unsafe.group(1)}, which is not a tensor or plain type and could run code, '
-                f'so it was refused (checkpoints are only loaded with weights_only=True)')
-    if ('Unsupported operand' in text or 'magic number' in text or 'load key' in text
-            or isinstance(e, (KeyError, EOFError, UnicodeDecodeError))):
-        return ('it is not a file written by torch.save (plain pickle, text or other data), so it was not '
-                'loaded; pass a .pth checkpoint written by train.py')
-    if 'PytorchStreamReader' in text or 'zip archive' in text or 'central directory' in text:
-        return ('the file is truncated or corrupted (an interrupted copy or save?); use an earlier checkpoint '
-                'or copy it again')
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temp file next to `path`, fsync it, then rename it over `path`.
-
-    A crash, kill -9 or full disk mid-write leaves the previous file intact;
-    the temp file is removed on any failure.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def save_checkpoint(obj, path):
-    """torch.save `obj` to `path` atomically (see atomic_write), then make the rename durable."""
-    path = os.fspath(path)
-    try:
-        atomic_write(path, lambda f: torch.save(obj, f))
-    except OSError as e:  # a full disk, a read-only folder, ...: say which file, keep the errno
-        raise OSError(e.errno, f'could not write checkpoint {path} ({e.strerror or e}); '
-                               f'the previous file, if any, is unchanged') from e
-    folder = os.path.dirname(os.path.abspath(path))
-    _fsync_dir(folder)
-    _remove_stale_temps(folder, f'.{os.path.basename(path)}.tmp')
-    return path
-
-
-def _fsync_dir(folder):
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(folder, prefix):
-    """Delete temp files that a process killed mid-save (kill -9, power loss) left behind."""
-    if os.name != 'posix':
-        return
-    for name in os.listdir(folder):
-        pid = name[len(prefix):]
-        if not (name.startswith(prefix) and pid.isdigit()):
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the writer is still alive
-        except ProcessLookupError:
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
-        except OSError:  # alive but another user's (EPERM): leave it
-            pass
-
-
-def clean_state_dict(state_dict):
-    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add; add 'network.' to a bare UNet's.
-
-    Only whole name components are removed: '_orig_mod' anywhere (a compiled
-    submodule), 'module' only in front (the DDP wrapper), so a layer whose own
-    name contains 'module' keeps it.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        parts = [p for p in k.split('.') if p != '_orig_mod']
-        while len(parts) > 1 and parts[0] == 'module':
-            parts = parts[1:]
-        out['.'.join(parts)] = v
-    if out and not any(k.startswith('network.') for k in out):
-        out = {f'network.{k}': v for k, v in out.items()}
-    return out
-
-
-def load_model_state(model, state_dict, source='checkpoint', advice=None):
-    """load_state_dict with a message naming the mismatched keys instead of a wall of text (then `advice`)."""
-    state_dict = clean_state_dict(state_dict)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for name, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape)):
-            if keys:
-                parts.append(f'{len(keys)} {name} (e.g. {keys[0]})')
-        advice = advice or ('rebuild the model from the checkpoint\'s own config with DDPM.from_checkpoint(path) '
-                            'or pass the same arch/U-Net options it was trained with')
-        raise CheckpointError(f'{source} does not match this model\'s architecture: {"; ".join(parts)}; {advice}')
-    model.load_state_dict(state_dict)
-    return model
-
-
-def closest(name, options):
-    """The valid option closest to a misspelled one, for 'did you mean' messages."""
-    match = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ''
+def __getattr__(name):
+    if name in MOVED:
+        warnings.warn(f'diffusion.{name} has moved to {MOVED[name]}.{name}', DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(MOVED[name]), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -38,16 +38,18 @@ import time
 import numpy as np
 import torch
 
+from checkpoint import load_model
+from data.image_folder import list_images, read_image_folder, read_npz_images
 from data.process_cifar import to_model_range
-from diffusion import atomic_write
-from sample import (DEFAULT_DDIM_STEPS, HelpFormatter, add_runtime_options, batch_seed, default_device, file_sha256,
-                    load_model, read_json, read_npz_images, resolve_steps, run_cli, sample_checkpoint, write_json)
+from runtime import (HelpFormatter, add_runtime_options, atomic_write, file_sha256, read_json, resolve_device, run_cli,
+                     write_json)
+from sample import batch_seed, resolve_steps, sample_checkpoint
+from samplers import DEFAULT_DDIM_STEPS
 
 INCEPTION = 'inception-v3-compat'
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
 INCEPTION_URL = f'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}'
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 PAPER_NUM_SAMPLES = 50_000
 
 
@@ -56,23 +58,6 @@ class EvalError(ValueError):
 
 
 # ----- images ---------------------------------------------------------------------------------
-
-def read_folder(path):
-    """Every image under `path` (recursively, sorted by path) as uint8 [N, H, W, 3]."""
-    from PIL import Image
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        raise EvalError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {path}')
-    images = []
-    for file in files:
-        with Image.open(file) as image:
-            images.append(np.asarray(image.convert('RGB')))
-    shapes = {image.shape for image in images}
-    if len(shapes) > 1:
-        raise EvalError(f'the images under {path} differ in size ({sorted(shapes)[:3]}...); resize them first')
-    return np.stack(images)
-
 
 def load_images(source, data_dir='data', train=True, image_size=32):
     """uint8 [N, H, W, 3] from a .npz, an image folder, or a dataset name known to data/process_cifar.py.
@@ -84,7 +69,7 @@ def load_images(source, data_dir='data', train=True, image_size=32):
             raise EvalError(f'{source}: expected an .npz of uint8 images or an image folder')
         return read_npz_images(source)
     if os.path.isdir(source):
-        return read_folder(source)
+        return read_image_folder(source)
     split = 'train' if train else 'test'
     from data.process_cifar import load_dataset   # looked up at call time (tests swap in a stand-in)
     try:
@@ -104,12 +89,9 @@ def source_fingerprint(source):
         hexdigest = file_sha256(source)
     elif os.path.isdir(source):
         digest = hashlib.sha256()
-        for root, _, names in sorted(os.walk(source)):
-            for name in sorted(names):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    st = os.stat(os.path.join(root, name))
-                    digest.update(f'{os.path.relpath(os.path.join(root, name), source)}:{st.st_size}:'
-                                  f'{st.st_mtime_ns};'.encode())
+        for path in list_images(source):
+            st = os.stat(path)
+            digest.update(f'{os.path.relpath(path, source)}:{st.st_size}:{st.st_mtime_ns};'.encode())
         hexdigest = digest.hexdigest()
     else:
         return source
@@ -465,7 +447,7 @@ def run(args):
         raise FileNotFoundError(f'samples not found: {args.samples}')
     if args.kid and args.ref_stats:
         raise EvalError('KID needs the reference features, not only statistics: drop --ref_stats or --kid')
-    device = args.device or default_device()
+    device = str(resolve_device(args.device))   # a GPU asked for but absent is one line, not a traceback
     progress = not args.quiet
     out_path = results_path(args)
     lines = []

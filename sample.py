@@ -22,28 +22,25 @@ different options refuses to mix its images with the old ones.
 """
 
 import argparse
-import datetime
-import hashlib
-import json
 import math
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 
+from checkpoint import load_model
+from data.image_folder import save_npz
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
-from diffusion import (CheckpointError, amp_dtype, atomic_write, autocast, load_checkpoint, model_from_checkpoint,
-                       resolve_device, use_channels_last)
+from sample_store import PartialRun, reuse_complete_npz, run_meta
+from runtime import (Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256, resolve_device,
+                     run_cli, write_json)
 from samplers import DEFAULT_DDIM_STEPS
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
 TRAJECTORY_COLUMNS = 11   # x_T, 9 intermediate x_t, x_0
-META_FORMAT = 1
 
 
 # ----- small helpers -------------------------------------------------------------------------
@@ -76,71 +73,6 @@ def resolve_steps(model, sampler, steps):
     return steps
 
 
-def default_device():
-    return str(resolve_device(None))
-
-
-def file_sha256(path, chunk=1 << 22):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_json(path):
-    """The JSON in `path`, or None when it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path, obj):
-    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + '\n').encode()))
-
-
-def save_npz(path, images):
-    """uint8 [N, H, W, C] as arr_0 of an .npz: the layout FID tools (e.g. guided-diffusion's evaluator) read."""
-    return atomic_write(path, lambda f: np.savez(f, images))
-
-
-def read_npz_images(path):
-    """The uint8 [N, H, W, C] images of an .npz (arr_0, or the only array)."""
-    with np.load(path) as data:
-        key = 'arr_0' if 'arr_0' in data.files else (data.files[0] if len(data.files) == 1 else None)
-        if key is None:
-            raise ValueError(f'{path}: expected one image array (arr_0), found {data.files}')
-        images = data[key]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f'{path}: expected uint8 images shaped [N, H, W, 3], got {images.dtype} {images.shape}')
-    return images
-
-
-# ----- the model ------------------------------------------------------------------------------
-
-def load_model(checkpoint, ema=None, device='cpu'):
-    """Rebuild the model from a checkpoint's own config.
-
-    ema: None uses the EMA weights when the checkpoint has them; True requires
-    them; False uses the raw (training) weights.
-    Returns (model in eval mode, info dict for run metadata).
-    """
-    ckpt = load_checkpoint(checkpoint, map_location='cpu')
-    has_ema = ckpt.get('ema_state_dict') is not None
-    if ema and not has_ema:
-        raise CheckpointError(f'{checkpoint} has no EMA weights (ema_state_dict is empty); '
-                              f'drop --ema, or pass --no-ema to sample with the raw weights')
-    use_ema = has_ema if ema is None else bool(ema)
-    info = {'checkpoint': os.path.abspath(checkpoint), 'ema': use_ema, 'step': ckpt.get('step'),
-            'epoch': ckpt.get('epoch')}
-    model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint).eval()
-    if use_channels_last(None, torch.device(device), None):
-        model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)
-    return model, info
-
-
 # ----- sampling -------------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -161,136 +93,6 @@ def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=
         x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
                          progress=progress)
     return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-class PartialRun:
-    """The folder of finished batches of one interrupted-or-running sampling run.
-
-    meta.json holds the options the images depend on; batch_NNNNNN.npz one batch each.
-    """
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def path(self, index):
-        return os.path.join(self.folder, f'batch_{index:06d}.npz')
-
-    def check_or_start(self, meta):
-        """Create the folder for `meta`, or check that an existing one was made with the same options."""
-        meta_path = os.path.join(self.folder, 'meta.json')
-        if os.path.exists(meta_path):
-            diff = meta_difference(read_json(meta_path), meta)
-            if diff:
-                raise ValueError(f'{self.folder} holds a partial run made with other options ({diff}); rerun with '
-                                 f'the same options to continue it, or delete that folder (or choose another '
-                                 f'--npz / --out_dir) to start afresh')
-        else:
-            os.makedirs(self.folder, exist_ok=True)
-            write_json(meta_path, meta)
-
-    def load(self, index, count):
-        """The finished batch `index` if it is there and holds `count` images, else None."""
-        path = self.path(index)
-        if not os.path.exists(path):
-            return None
-        try:
-            images = read_npz_images(path)
-        except Exception:  # an unreadable part is simply sampled again
-            return None
-        return images if images.shape[0] == count else None
-
-    def save(self, index, images):
-        save_npz(self.path(index), images)
-
-    def remove(self):
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-# The options that change the images; a partial run is continued only when all of them match.
-IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'eta', 'seed', 'batch_size', 'amp', 'image_shape')
-
-
-def meta_difference(old, new):
-    """'' when `old` and `new` describe the same images, else a short list of what differs."""
-    if not isinstance(old, dict):
-        return 'its meta.json is unreadable'
-    diffs = []
-    for key in IDENTITY_KEYS:
-        if old.get(key) != new.get(key):
-            if key == 'checkpoint_sha256':
-                diffs.append(f'checkpoint contents differ (was step {old.get("checkpoint_step")} of '
-                             f'{old.get("checkpoint")})')
-            else:
-                diffs.append(f'{key}: {old.get(key)!r} then, {new.get(key)!r} now')
-    return '; '.join(diffs)
-
-
-def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp='fp32'):
-    return {
-        'format': META_FORMAT,
-        'checkpoint': info.get('checkpoint'),
-        'checkpoint_sha256': info.get('sha256'),
-        'checkpoint_step': info.get('step'),
-        'ema': info.get('ema'),
-        'sampler': sampler,
-        'steps': int(steps),
-        'eta': float(eta),
-        'seed': int(seed),
-        'batch_size': int(batch_size),
-        'amp': amp,
-        'image_shape': list(model.image_shape),
-    }
-
-
-class Distributed:
-    """Rank and world size from a running process group or torchrun's environment.
-
-    A process group is started (and later closed) only when WORLD_SIZE > 1 and none is running.
-    """
-
-    def __init__(self, device):
-        running = torch_dist.is_available() and torch_dist.is_initialized()
-        self.world_size = torch_dist.get_world_size() if running else int(os.environ.get('WORLD_SIZE', '1'))
-        self.rank = torch_dist.get_rank() if running else int(os.environ.get('RANK', '0'))
-        self.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-        self.device = device
-        self.started = False
-        if self.world_size > 1:
-            if torch.device(device).type == 'cuda':
-                self.device = f'cuda:{self.local_rank}'
-                torch.cuda.set_device(self.local_rank)
-            if not torch_dist.is_initialized():
-                backend = 'nccl' if torch.device(self.device).type == 'cuda' else 'gloo'
-                torch_dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
-                self.started = True
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            torch_dist.barrier()
-
-    def broadcast(self, obj):
-        """Rank 0's `obj` on every rank."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        torch_dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj):
-        """The list of every rank's `obj` on rank 0 (None elsewhere)."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size if self.is_main else None
-        torch_dist.gather_object(obj, out, dst=0)
-        return out
-
-    def close(self):
-        if self.started:
-            torch_dist.destroy_process_group()
 
 
 def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
@@ -382,7 +184,7 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
     .npz is already complete with the same options (its <npz>.json says which).
     """
-    dist = Distributed(device or default_device())
+    dist = Distributed(device)
     device = dist.device
     try:
         model, info = load_model(checkpoint, ema=ema, device=device)
@@ -419,22 +221,6 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         return images
     finally:
         dist.close()
-
-
-def reuse_complete_npz(npz, meta, num_samples):
-    """The images of an existing .npz made with the same options and at least `num_samples` images, else None."""
-    sidecar = f'{npz}.json'
-    old = read_json(sidecar) if os.path.exists(npz) else None
-    if old is None:
-        return None
-    if meta_difference(old, meta) or old.get('num_samples', 0) < num_samples:
-        return None
-    # Batches are seeded by index, so the first num_samples of a larger run are
-    # this run's images only if the batches line up (true when num_samples % batch_size == 0
-    # or equals the old count).
-    if old['num_samples'] != num_samples and num_samples % meta['batch_size']:
-        return None
-    return read_npz_images(npz)[:num_samples]
 
 
 # ----- pictures -------------------------------------------------------------------------------
@@ -487,15 +273,6 @@ def save_trajectory(frames, path):
 
 # ----- command line ---------------------------------------------------------------------------
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except empty ones (None, False) and those the help text states itself."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or 'default' in (action.help or ''):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         description='Sample images from a DDPM checkpoint (the model is rebuilt from the checkpoint\'s config).',
@@ -526,27 +303,6 @@ def build_parser():
     return p
 
 
-def add_runtime_options(p):
-    """--device, --amp, --quiet, --debug: shared by sample.py and evaluate.py."""
-    p.add_argument('--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: the best available)')
-    p.add_argument('--amp', choices=('auto', 'bf16', 'fp32'), default='auto',
-                   help='network precision when sampling: auto is bf16 on CUDA and on CPUs with native bf16')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
-    p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
-
-
-def run_cli(parser, run, argv):
-    """Parse argv and run; bad input ends as one `error:` line and exit code 2 (--debug: the traceback)."""
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-
-
 def main(argv=None):
     return run_cli(build_parser(), run, argv)
 
@@ -562,7 +318,7 @@ def run(args):
     out = args.out
     if out is None and not (args.npz or args.out_dir or args.trajectory):
         out = 'samples.png'
-    device = args.device or default_device()
+    device = str(resolve_device(args.device))   # a GPU asked for but absent is one line, not a traceback
     rank = int(os.environ.get('RANK', '0'))
 
     written = []

@@ -39,9 +39,10 @@ def main():
 
     import torch
     # The repo's own modules must import too; train.py decides the device.
-    for module in ('model.Blocks', 'diffusion', 'data.process_cifar', 'train'):
+    for module in ('model.Blocks', 'diffusion', 'samplers', 'checkpoint', 'runtime', 'data.process_cifar', 'train',
+                   'sample', 'evaluate'):
         importlib.import_module(module)
-    from diffusion import resolve_device
+    from runtime import resolve_device
     device = resolve_device(None).type
     detail = f' ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU(s))' if device == 'cuda' else ''
     print(f'device       {device}{detail}   (what python train.py would use)')

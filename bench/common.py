@@ -229,7 +229,7 @@ def apply_allocator_mode():
     its tunables once, when the process starts).
     """
     if os.environ.get('BENCH_MALLOPT') == '1':
-        from train import keep_freed_memory
+        from runtime import keep_freed_memory
         keep_freed_memory()
     if os.environ.get('BENCH_LATE_ENV') == '1':
         os.environ['GLIBC_TUNABLES'] = GLIBC_TUNABLES_KEEP

@@ -17,27 +17,20 @@ Python work from the training loop and makes batches exactly reproducible.
 Sources:
     'cifar10'    torchvision's CIFAR-10 (downloaded into data_dir when missing).
     'folder'     any folder of images, searched recursively; decoded once, then
-                 cached as a tensor file (see `load_image_folder`).
+                 cached as a tensor file (data/image_folder.py).
     'synthetic'  seeded smooth colour blobs on gradients; needs no files.
 """
 
-import glob
 import hashlib
 import math
 import os
-import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
-from tqdm import tqdm
 
-from diffusion import atomic_write
+from data.image_folder import load_image_folder
 
 DATASETS = ('cifar10', 'folder', 'synthetic')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 
 
 # ----------------------------------------------------------------------------- public API
@@ -103,175 +96,6 @@ def resize_uint8(images, image_size, chunk=4096):
                           antialias=True, align_corners=False)
         out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
     return out
-
-
-# ----------------------------------------------------------------------------- image folders
-
-def load_image_folder(folder, image_size=32, train=True):
-    """Decode every image under `folder` (recursively) into a uint8 tensor, cached on disk.
-
-    The split is `folder/train` (train=True) or `folder/test` (train=False)
-    when that subfolder exists, else the folder itself. Each image is converted
-    to RGB, its shorter side resized to image_size (bicubic, antialiased) and
-    centre-cropped. Unreadable files are skipped and counted.
-
-    Decoding tens of thousands of files takes a while, so the result is saved
-    as `.ddpm_cache_<size>px_<key>.pt` inside the split folder, or in the user
-    cache dir ($XDG_CACHE_HOME or ~/.cache, then ddpm_data/) when the folder is
-    read-only. The key hashes the file list with sizes and mtimes, the
-    image_size and CACHE_VERSION, so adding, removing or editing any image
-    triggers a fresh decode.
-    """
-    folder = _split_folder(folder, train)
-    paths = list_images(folder)
-    key = _cache_key(folder, paths, image_size)
-    candidates = _cache_candidates(folder, image_size, key)
-    for path, _ in candidates:
-        images = _read_cache(path, key)
-        if images is not None:
-            print(f'loaded {len(images)} images from cache {path}')
-            return images
-
-    images, failed = decode_images(paths, image_size)
-    if failed:
-        print(f'skipped {len(failed)} unreadable file{"s" if len(failed) > 1 else ""}, e.g. {failed[0]}')
-    if len(images) == 0:
-        raise ValueError(f'none of the {len(paths)} image files under {folder} could be read, e.g. {failed[0]}')
-    _write_cache(images, key, candidates)
-    return images
-
-
-def list_images(folder):
-    """All image files under `folder`, recursively, sorted; hidden files and folders are skipped."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith('.')]
-        found += [os.path.join(root, f) for f in files
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')]
-    if not found:
-        raise FileNotFoundError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {folder}')
-    return sorted(found)
-
-
-def decode_images(paths, image_size):
-    """Decode `paths` into uint8 [N, 3, S, S]; returns (images, paths that could not be read).
-
-    Serial on purpose: for 50,000 CIFAR JPEGs on a 2-vCPU machine a 2-thread
-    pool took 7.7 s and a 2-process pool 9.0 s against 6.0 s serial, and the
-    result is cached, so decoding is a one-time cost anyway.
-    """
-    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    ok = np.zeros(len(paths), dtype=bool)
-    for i, path in enumerate(tqdm(paths, desc='decoding images', unit='img')):
-        pixels = _try_decode(path, image_size)
-        if pixels is not None:
-            out[i], ok[i] = pixels, True
-    failed = [p for p, good in zip(paths, ok) if not good]
-    return torch.from_numpy(out[ok]).permute(0, 3, 1, 2).contiguous(), failed
-
-
-def decode_image(path, image_size):
-    """One image file -> uint8 array [image_size, image_size, 3]: RGB, shorter side resized, centre-cropped."""
-    with Image.open(path) as img:
-        img.draft('RGB', (image_size, image_size))  # JPEG only: libjpeg downscales big photos while decoding
-        img = ImageOps.exif_transpose(img)  # camera photos: honour the orientation tag
-        img = _to_rgb(img)
-        w, h = img.size
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # the centred square
-        if (w, h) != (image_size, image_size):
-            # Resampling the centred square directly equals "resize the shorter side, then centre-crop".
-            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
-        return np.asarray(img, dtype=np.uint8)
-
-
-def _to_rgb(img):
-    """Any PIL mode -> 'RGB'. 16/32-bit integer images are scaled (not clipped) to 8 bits;
-    transparent images are composited onto white, since the colour under alpha=0 is arbitrary."""
-    if img.mode.startswith('I'):  # 'I;16', 'I;16B', ... and 'I' (what older Pillows make of 16-bit PNGs)
-        # 16-bit range 0..65535 -> 0..255: 65535 / 257 = 255 exactly. PIL's own convert would clip instead.
-        pixels = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
-    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
-        rgba = img.convert('RGBA')
-        img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert('RGB')
-
-
-def _try_decode(path, image_size):
-    """decode_image, or None for a file PIL cannot read (corrupt, truncated, not really an image)."""
-    try:
-        return decode_image(path, image_size)
-    except Exception:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        return None
-
-
-def _split_folder(folder, train):
-    """The folder holding the requested split: <folder>/train or <folder>/test when present."""
-    folder = os.path.abspath(os.path.expanduser(folder))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f'image folder not found: {folder}')
-    split = os.path.join(folder, 'train' if train else 'test')
-    return split if os.path.isdir(split) else folder
-
-
-# ----------------------------------------------------------------------------- the decode cache
-
-def _cache_key(folder, paths, image_size):
-    """A hash of everything the decoded tensor depends on: files (name, size, mtime), size, decoder version."""
-    h = hashlib.sha256(f'v{CACHE_VERSION} {image_size}px\n'.encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f'{os.path.relpath(p, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-    return h.hexdigest()
-
-
-def _cache_candidates(folder, image_size, key):
-    """(cache path, glob of older caches it replaces): next to the images first, then the user cache dir."""
-    user_dir = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'ddpm_data')
-    tag = hashlib.sha256(folder.encode()).hexdigest()[:12]  # the user dir is shared by every folder
-    return [(os.path.join(folder, f'.ddpm_cache_{image_size}px_{key[:16]}.pt'),
-             os.path.join(folder, f'.ddpm_cache_{image_size}px_*.pt')),
-            (os.path.join(user_dir, f'{tag}_{image_size}px_{key[:16]}.pt'),
-             os.path.join(user_dir, f'{tag}_{image_size}px_*.pt'))]
-
-
-def _read_cache(path, key):
-    """The cached tensor when `path` exists and was made for `key`, else None (a broken cache is ignored)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        cache = torch.load(path, map_location='cpu', weights_only=True)
-        return cache['images'] if cache.get('key') == key else None
-    except Exception as e:
-        print(f'ignoring unreadable cache {path} ({type(e).__name__}); decoding again', file=sys.stderr)
-        return None
-
-
-def _write_cache(images, key, candidates):
-    """Save to the first writable candidate and delete the caches it supersedes; never fatal."""
-    for path, stale in candidates:
-        try:
-            _atomic_save({'images': images, 'key': key}, path)
-        except OSError:
-            continue
-        for old in glob.glob(stale):
-            if old != path:
-                try:
-                    os.remove(old)
-                except OSError:
-                    pass
-        print(f'cached {len(images)} decoded images in {path}')
-        return path
-    print('could not write a decode cache (read-only folder and cache dir); the next run decodes again',
-          file=sys.stderr)
-    return None
-
-
-def _atomic_save(obj, path):
-    """torch.save via a temporary file and rename, so concurrent ranks never read a half-written cache."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -1,4 +1,4 @@
-"""Tests for data/process_cifar.py: decoding, caching, CIFAR-10 files, synthetic data, the loader.
+"""Tests for data/ (process_cifar.py and image_folder.py): decoding, caching, CIFAR-10 files, synthetic data, the loader.
 
 All offline and CPU-only; the one test that reads real CIFAR JPEGs streams a
 few out of ../shared/data/cifar10-jpeg.tar.gz and skips when it is absent.
@@ -15,7 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from data import process_cifar
+from data import image_folder
 from data.process_cifar import InMemoryLoader, load_dataset, to_model_range, to_uint8
 
 from conftest import ROOT
@@ -143,7 +143,7 @@ def make_folder(folder, n=3):
 def forbid_decoding(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError('decoded although a valid cache exists')
-    monkeypatch.setattr(process_cifar, 'decode_images', fail)
+    monkeypatch.setattr(image_folder, 'decode_images', fail)
 
 
 def test_cache_is_reused_and_invalidated_by_changes(tmp_path, monkeypatch):
@@ -172,13 +172,13 @@ def test_cache_is_reused_and_invalidated_by_changes(tmp_path, monkeypatch):
 def test_cache_falls_back_to_user_dir_when_folder_is_read_only(tmp_path, monkeypatch):
     data = tmp_path / 'readonly'
     make_folder(data)
-    real_save = process_cifar._atomic_save
+    real_save = image_folder._atomic_save
 
     def save(obj, path):  # running as root defeats chmod, so simulate the read-only folder
         if os.path.dirname(path) == str(data):
             raise PermissionError(13, 'Read-only file system', path)
         real_save(obj, path)
-    monkeypatch.setattr(process_cifar, '_atomic_save', save)
+    monkeypatch.setattr(image_folder, '_atomic_save', save)
 
     first = load_dataset('folder', str(data), image_size=8)
     assert not list(data.glob('.ddpm_cache*'))

@@ -283,17 +283,18 @@ def _driver(jobs_path):
 
 
 def _run_jobs(jobs, out_dir, rank, train):
+    import train_util
     for job in jobs:
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in job['kwargs'].items()}
         if rank != 0:
             kw.update({key: None for key in job.get('rank0_only', ())})
         if job['kind'] == 'train':
-            captured, real = {}, train.ema_update
+            captured, real = {}, train_util.ema_update
 
             def spy(ema_params, params, decay):  # keep a handle on this rank's EMA tensors
                 captured['ema'] = ema_params
                 real(ema_params, params, decay)
-            train.ema_update = spy
+            train_util.ema_update = spy
             try:
                 model = train.train_ddpm(**kw)
                 result = {'step': model.train_stats['step'], 'model': digest(model.parameters()),
@@ -301,7 +302,7 @@ def _run_jobs(jobs, out_dir, rank, train):
             except ValueError as e:
                 result = {'error': str(e)}
             finally:
-                train.ema_update = real
+                train_util.ema_update = real
             with open(os.path.join(out_dir, f'{job["name"]}.rank{rank}.json'), 'w') as f:
                 json.dump(result, f)
         elif job['kind'] == 'sample':

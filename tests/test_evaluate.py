@@ -15,7 +15,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 import evaluate
 import sample
-from diffusion import create_cifar10_ddpm, discretized_gaussian_log_likelihood, save_checkpoint
+from checkpoint import save_checkpoint
+from diffusion import create_cifar10_ddpm, discretized_gaussian_log_likelihood
 
 SIZE = 8
 TINY = 'ddpm-test-tiny'

@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import train
-from diffusion import (DDPM, CheckpointError, clean_state_dict, create_cifar10_ddpm, load_checkpoint,
-                       load_model_state, save_checkpoint)
+import train_util
+from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, load_model_state, save_checkpoint
+from diffusion import DDPM, create_cifar10_ddpm
 from train import train_ddpm
 from conftest import ROOT, TINY_TRAIN, TRAIN_SIZE, assert_same_tensors, load, make_image_folder
 
@@ -557,7 +558,7 @@ def test_persistent_nan_stops_after_5_and_keeps_good_weights(env, tmp_path, monk
 def test_weights_that_became_nan_are_never_saved(env, tmp_path, monkeypatch):
     """A finite-loss update that still leaves NaN in the weights (simulated after step 3): the epoch-2 save
     refuses to write them, and ddpm_latest.pth stays the good epoch-1 checkpoint."""
-    real_update, calls = train.ema_update, []
+    real_update, calls = train_util.ema_update, []
 
     def ema_update(ema_params, params, decay):
         real_update(ema_params, params, decay)
@@ -565,7 +566,7 @@ def test_weights_that_became_nan_are_never_saved(env, tmp_path, monkeypatch):
         if len(calls) == 3:
             with torch.no_grad():
                 params[0].fill_(float('nan'))
-    monkeypatch.setattr(train, 'ema_update', ema_update)
+    monkeypatch.setattr(train_util, 'ema_update', ema_update)
     with pytest.raises(FloatingPointError) as info:
         run(env, tmp_path, num_epochs=10, save_every=1)
     latest = str(tmp_path / 'run' / 'ckpt' / 'ddpm_latest.pth')

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import sample
-from diffusion import DDPM, create_cifar10_ddpm, save_checkpoint
+from checkpoint import save_checkpoint
+from diffusion import DDPM, create_cifar10_ddpm
 
 from conftest import ROOT
 

@@ -1,0 +1,402 @@
+"""The training loop's parts: a `TrainLoop` built from a resolved config, run by train.py's train_ddpm.
+
+    TrainLoop(config, dist, ckpt).run()
+        __init__     the run's state: model, EMA copy, optimizer, data, logs (resumed from ckpt if given)
+        run          Algorithm 1 of Ho et al. 2020 plus bookkeeping: batches -> run_step -> log_step,
+                     checkpoints and sample grids at epoch ends, a clean stop on SIGINT/SIGTERM
+        run_step     one optimizer step on L_simple: noise from (seed, step), forward/backward over
+                     micro-batches, gradient clipping, the NaN/inf skip, Adam, the EMA update
+        log_step     TensorBoard scalars and the progress line
+        save         ddpm_latest.pth (and ddpm_epoch_N.pth), atomically, never NaN weights
+        sample_grid  a fixed-seed grid from the EMA weights
+
+Reproducibility: the data order and flips come from (seed, epoch), the t and eps of
+every step from (seed, step) over the global batch, and dropout from (seed, step, rank),
+so a resumed run continues exactly, and N ranks or accum_steps micro-batches see
+exactly the batch one process would.
+"""
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from contextlib import closing, nullcontext
+
+import torch
+import torch.distributed as torch_dist
+
+from checkpoint import load_model_state, save_checkpoint
+from data.process_cifar import InMemoryLoader, load_dataset
+from diffusion import create_cifar10_ddpm, model_kwargs
+from runtime import amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
+
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
+
+
+def plain(value):
+    """Config values as JSON / weights_only-safe plain types (tuples become lists, devices strings)."""
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value) if isinstance(value, torch.device) else value
+
+
+def rng_states():
+    states = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def step_noise(generator, seed, step, global_batch, shape, timesteps):
+    """t and eps for every image of the global batch at this step, drawn from (seed, step) alone.
+
+    `generator` lives on the training device, so on a GPU the noise is drawn there
+    (no host work or copy in the step); re-seeding it is cheap and needs no sync.
+    """
+    generator.manual_seed(seed * 1_000_003 + step)
+    t = torch.randint(0, timesteps, (global_batch,), generator=generator, device=generator.device)
+    eps = torch.randn((global_batch, *shape), generator=generator, device=generator.device)
+    return t, eps
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, in one fused op over all tensors."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def ema_decay_at(step, ema_decay):
+    """The EMA decay after `step` updates: ramps up early so short runs' EMA is not stuck at the init.
+
+    min(ema_decay, (1 + step) / (10 + step)) reaches 0.9999 after ~90k steps, so
+    long runs match the paper's constant decay.
+    """
+    return min(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainLoop:
+    """One training run; see the module docstring for the parts."""
+
+    def __init__(self, config, dist, ckpt=None, resume_path=None):
+        from tqdm.auto import tqdm
+        self.c, self.dist, self.device = config, dist, dist.device
+        self.is_main = dist.is_main
+        c, world_size = config, dist.world_size
+        if c['batch_size'] % (world_size * c['accum_steps']):
+            raise ValueError(f'batch_size={c["batch_size"]} must be divisible by world_size x accum_steps = '
+                             f'{world_size} x {c["accum_steps"]}; pick a multiple of {world_size * c["accum_steps"]}')
+        self.per_rank = c['batch_size'] // world_size
+        self.micro = self.per_rank // c['accum_steps']
+        self._build_model(ckpt, resume_path)
+        self._load_data()
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = self.steps_per_epoch * c['num_epochs']
+        if c['max_steps'] is not None:
+            self.total_steps = min(self.total_steps, c['max_steps'])
+        self.step = int(ckpt['step']) if ckpt is not None else 0
+        self.nan_skipped = int(ckpt.get('nan_skipped', 0)) if ckpt is not None else 0
+        self.bad_in_a_row, self.stop_reason, self.stop, self.stop_agreed = 0, None, None, False
+        self.grid_made_at = None
+        self.latest_path = os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth')
+        self.noise_generator = torch.Generator(device=self.device)
+        self.log_t, self.log_images, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
+        self._open_logs()
+        if ckpt is not None:
+            self.say(f'resumed from {resume_path} at step {self.step} (epoch {self.step // self.steps_per_epoch})')
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+                        unit='step')
+
+    def say(self, msg):
+        if self.is_main:
+            from tqdm.auto import tqdm
+            tqdm.write(msg)
+
+    # ----- building the run's state ---------------------------------------------------------
+
+    def _build_model(self, ckpt, resume_path):
+        """Model, EMA copy and Adam; the same seed gives every rank the same initial weights."""
+        c, device = self.c, self.device
+        torch.manual_seed(c['seed'])
+        self.raw_model = create_cifar10_ddpm(**model_kwargs(c)).to(device)
+        if ckpt is not None:
+            load_model_state(self.raw_model, ckpt['model_state_dict'], source=resume_path)
+        self.ema_model = copy.deepcopy(self.raw_model).requires_grad_(False).eval()
+        if ckpt is not None and ckpt.get('ema_state_dict') is not None:
+            load_model_state(self.ema_model, ckpt['ema_state_dict'], source=resume_path)
+        self.autocast_dtype = amp_dtype(c['amp'], device)
+        self.channels_last = use_channels_last(c['channels_last'], device, self.autocast_dtype)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if device.type == 'cpu':
+            keep_freed_memory()
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True          # fixed shapes: pick the fastest conv algorithms once
+            torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls/convs on tensor cores (amp='fp32' runs)
+            torch.backends.cudnn.allow_tf32 = True
+        self.raw_model.to(memory_format=self.memory_format)
+        self.ema_model.to(memory_format=self.memory_format)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.ema_params = list(self.ema_model.parameters())
+        adam_kwargs = {'fused': True} if device.type in ('cuda', 'cpu') else {'foreach': True}
+        self.optimizer = torch.optim.Adam(self.params, lr=c['lr'], **adam_kwargs)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
+        self.train_module = self.raw_model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.train_module = DistributedDataParallel(
+                self.raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
+        if c['compile']:
+            self.train_module = torch.compile(self.train_module)
+
+    def _load_data(self):
+        """The whole set as uint8 on the device; batches are sliced from it.
+
+        Ranks load in turns so that a CIFAR-10 download or a folder's decode cache is
+        written once, never by two processes at a time: rank 0 first, then the first
+        process of every other node (for nodes that do not share rank 0's disk), then
+        the rest, who find the files in place.
+        """
+        c, dist = self.c, self.dist
+        turn = 0 if dist.rank == 0 else 1 if dist.local_rank == 0 else 2
+        for t in range(3 if dist.world_size > 1 else 1):
+            if t == turn:
+                self.images = load_dataset(c['dataset'], c['data_dir'], image_size=c['image_size'], train=True)
+            dist.barrier()
+        self.loader = InMemoryLoader(self.images, c['batch_size'], seed=c['seed'], rank=dist.rank,
+                                     world_size=dist.world_size, device=self.device)
+
+    def _open_logs(self):
+        """config.json and TensorBoard under log_dir/run_name (rank 0), and the run's opening lines."""
+        from torch.utils.tensorboard import SummaryWriter
+        c = self.c
+        self.env = environment_info()
+        self.run_dir = os.path.join(c['log_dir'], c['run_name'])
+        self.plain_config = {k: plain(v) for k, v in c.items()}
+        self.writer = None
+        if not self.is_main:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        os.makedirs(c['checkpoint_dir'], exist_ok=True)
+        with open(os.path.join(self.run_dir, 'config.json'), 'w') as f:
+            json.dump({'config': self.plain_config, 'environment': self.env, 'world_size': self.dist.world_size},
+                      f, indent=2)
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.step if self.step > 0 else None)
+        self.writer.add_text('config', '\n'.join(f'    {k}: {v!r}' for k, v in {**self.plain_config,
+                                                                           **self.env}.items()), self.step)
+        self.say('config: ' + json.dumps(self.plain_config))
+        self.say(f'{len(self.images)} training images, {self.steps_per_epoch} steps/epoch, global batch '
+                 f'{c["batch_size"]} = {self.dist.world_size} rank(s) x {c["accum_steps"]} micro-batch(es) x '
+                 f'{self.micro} images; device {self.device}, amp {self.autocast_dtype or "fp32"}, '
+                 f'{"channels_last" if self.channels_last else "NCHW"}, '
+                 f'{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters; git {self.env["git_commit"]}')
+
+    # ----- the loop -------------------------------------------------------------------------
+
+    def run(self):
+        """Algorithm 1 plus bookkeeping: repeat { x_0 ~ data; a gradient step on L_simple } until done."""
+        c = self.c
+        self.raw_model.train()
+        epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+        # closing(bar): an exception (OOM, a failed save) ends the bar's line, so the error starts its own.
+        with GracefulStop() as self.stop, closing(self.bar):
+            while self.step < self.total_steps and self.stop_reason is None:
+                self.loader.set_epoch(epoch)
+                self.bar.set_description(f'epoch {epoch + 1}/{c["num_epochs"]}')
+                for x_0 in self.loader.iterate(start_batch):
+                    loss, grad_norm, finite = self.run_step(x_0)
+                    if self.bad_in_a_row >= MAX_BAD_STEPS:
+                        self.stop_reason = 'nan'
+                        break
+                    self.log_step(loss, grad_norm, finite)
+                    if self.stop_agreed if self.dist.world_size > 1 else self.stop.requested:
+                        self.stop_reason = 'signal'
+                        break
+                    if self.step >= self.total_steps:
+                        break
+                start_batch = 0
+                epoch = self.step // self.steps_per_epoch
+                if self.step % self.steps_per_epoch == 0 and self.stop_reason is None:
+                    self.end_of_epoch(epoch)
+        self.bar.close()
+        return self.finish()
+
+    def run_step(self, x_0):
+        """One optimizer step; returns (loss, grad_norm, finite). A non-finite step is skipped, not applied."""
+        c, rank, per_rank = self.c, self.dist.rank, self.per_rank
+        x_0 = x_0.contiguous(memory_format=self.memory_format)
+        # t and eps for the global batch from (seed, step); this rank takes its slice.
+        t_all, eps_all = step_noise(self.noise_generator, c['seed'], self.step, c['batch_size'],
+                                    tuple(self.images.shape[1:]), c['timesteps'])
+        t, eps = t_all[rank * per_rank:(rank + 1) * per_rank], eps_all[rank * per_rank:(rank + 1) * per_rank]
+        torch.manual_seed(c['seed'] * 1_000_003 + self.step * 1009 + rank)  # dropout
+        for group in self.optimizer.param_groups:
+            group['lr'] = c['lr'] * min(1.0, (self.step + 1) / max(1, c['warmup_steps']))
+        loss = self.forward_backward(x_0, t, eps)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'] if c['grad_clip'] > 0 else math.inf)
+        # A NaN/inf loss can come with finite gradients (e.g. a NaN added outside the graph): check both.
+        finite = self.agree(torch.isfinite(grad_norm) & torch.isfinite(torch.as_tensor(loss)))
+        if finite:
+            self.optimizer.step()
+            ema_update(self.ema_params, self.params, ema_decay_at(self.step, c['ema_decay']))
+            self.bad_in_a_row = 0
+        else:
+            # Skip the update (the batch is still consumed, so data order is unchanged):
+            # NaN never reaches the weights; too many in a row stops the run.
+            self.nan_skipped += 1
+            self.bad_in_a_row += 1
+            self.say(f'step {self.step}: non-finite loss/gradient, update skipped ({self.bad_in_a_row} in a row)')
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bar.update(1)
+        return loss, grad_norm, finite
+
+    def forward_backward(self, x_0, t, eps):
+        """L_simple over accum_steps micro-batches, gradients summed as for one batch; returns the mean loss."""
+        accum, micro, loss_value = self.c['accum_steps'], self.micro, 0.0
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            sync = m == accum - 1 or self.dist.world_size == 1
+            no_sync = not sync and hasattr(self.train_module, 'no_sync')
+            with self.train_module.no_sync() if no_sync else nullcontext(), autocast(self.device,
+                                                                                     self.autocast_dtype):
+                loss = self.train_module(x_0[sl], t[sl], eps[sl])
+            (loss / accum).backward()
+            loss_value += loss.detach() / accum
+        return loss_value
+
+    def agree(self, finite):
+        """Under DDP one collective a step settles both: one rank's bad share makes every rank skip
+        (or the replicas diverge), and a signal on any rank stops all after this step."""
+        if self.dist.world_size == 1:
+            return finite
+        device = self.device
+        flags = torch.stack([finite.to(device=device, dtype=torch.float32).reshape(()),
+                             torch.tensor(0.0 if self.stop.requested is not None else 1.0, device=device)])
+        torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MIN)
+        self.stop_agreed = bool(flags[1] == 0)
+        if self.stop_agreed and self.stop.requested is None:
+            self.stop.requested = 'signal'
+        return flags[0] > 0
+
+    def log_step(self, loss, grad_norm, finite):
+        """Every log_every steps: the mean loss since the last log (finite steps only), lr, grad norm, images/s."""
+        c = self.c
+        if finite:  # a skipped step's NaN stays out of the logged mean
+            self.loss_sum, self.loss_count = self.loss_sum + float(loss), self.loss_count + 1
+        self.log_images += c['batch_size']
+        if not ((self.step % c['log_every'] == 0 or self.step == self.total_steps) and self.loss_count):
+            return
+        mean_loss = self.loss_sum / self.loss_count
+        if self.dist.world_size > 1:  # the loss of the global batch, not only of rank 0's share of it
+            mean_loss = torch.tensor([mean_loss], device=self.device)
+            torch_dist.all_reduce(mean_loss)
+            mean_loss = mean_loss.item() / self.dist.world_size
+        now = time.perf_counter()
+        if self.is_main:
+            ips = self.log_images / max(now - self.log_t, 1e-9)
+            self.writer.add_scalar('train/loss', mean_loss, self.step)
+            self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], self.step)
+            self.writer.add_scalar('train/grad_norm', float(grad_norm), self.step)
+            self.writer.add_scalar('train/images_per_sec', ips, self.step)
+            self.bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{ips:.1f}')
+        self.log_t, self.log_images, self.loss_sum, self.loss_count = now, 0, 0.0, 0
+
+    # ----- epoch ends and the end of the run ------------------------------------------------
+
+    def end_of_epoch(self, epoch):
+        if epoch % self.c['save_every'] == 0:
+            path = self.save(tag_epoch=epoch)
+            self.say(f'saved {path} and ddpm_epoch_{epoch}.pth')
+        if epoch % self.c['sample_every'] == 0:
+            self.sample_grid(epoch)
+        self.dist.barrier()
+
+    def finish(self):
+        """Save, draw the final grid and report how the run ended; returns the trained model."""
+        epoch = self.step // self.steps_per_epoch
+        if self.stop_reason == 'nan':
+            if self.writer:
+                self.writer.close()
+            raise FloatingPointError(f'training stopped: {MAX_BAD_STEPS} non-finite losses in a row at step '
+                                     f'{self.step}; {self.kept()}; lower lr or check the data')
+        path = self.save()
+        if self.stop_reason is None and self.grid_made_at != self.step:
+            self.sample_grid(epoch)  # the end of training always gets a grid (also when max_steps ends it mid-epoch)
+        self.dist.barrier()
+        if self.stop_reason == 'signal':
+            self.say(f'stopped by {self.stop.requested} at step {self.step}; saved {path}; continue with '
+                     f'--resume latest')
+        else:
+            self.say(f'done: {self.step} steps; saved {path}')
+        if self.writer:
+            self.writer.close()
+        # How the run ended, for scripts that call train_ddpm (the model is the usual DDPM otherwise).
+        self.raw_model.train_stats = {'step': self.step, 'nan_skipped': self.nan_skipped,
+                                      'stopped_by': self.stop_reason}
+        return self.raw_model
+
+    def kept(self):
+        return (f'the last good checkpoint is kept ({self.latest_path})' if os.path.exists(self.latest_path)
+                else 'no checkpoint had been saved yet')
+
+    def save(self, tag_epoch=None):
+        """Write ddpm_latest.pth (and ddpm_epoch_N.pth) from rank 0, atomically; never NaN/inf weights."""
+        # Every rank holds the same weights, so every rank stops here together.
+        if not all(bool(torch.isfinite(p).all()) for p in self.params + self.ema_params):
+            raise FloatingPointError(f'training stopped: the weights became NaN/inf by step {self.step} and were '
+                                     f'not saved; {self.kept()}; lower lr or check the data')
+        if not self.is_main:
+            return None
+        state = {'model_state_dict': self.raw_model.state_dict(), 'ema_state_dict': self.ema_model.state_dict(),
+                 'optimizer_state_dict': self.optimizer.state_dict(), 'epoch': self.step // self.steps_per_epoch,
+                 'step': self.step, 'config': self.plain_config, 'rng_state': rng_states(),
+                 'nan_skipped': self.nan_skipped, 'environment': self.env}
+        if tag_epoch is not None:
+            save_checkpoint(state, os.path.join(self.c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
+        return save_checkpoint(state, self.latest_path)
+
+    def sample_grid(self, epoch):
+        """A grid from the EMA weights with a fixed seed, so grids are comparable across epochs."""
+        import torchvision
+        c = self.c
+        if not self.is_main or c['num_samples'] == 0:
+            return
+        self.grid_made_at = self.step
+        g = torch.Generator().manual_seed(c['seed'])
+        with autocast(self.device, self.autocast_dtype):
+            x = self.ema_model.sample(c['num_samples'], device=self.device, sampler=c['sample_sampler'],
+                                      steps=c['sample_steps'] if c['sample_sampler'] == 'ddim' else None,
+                                      generator=g, progress=True)
+        grid = torchvision.utils.make_grid((x.float() + 1) / 2, nrow=int(math.ceil(math.sqrt(len(x)))))
+        path = os.path.join(self.run_dir, 'samples', f'epoch_{epoch:04d}.png')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torchvision.utils.save_image(grid, path)
+        self.writer.add_image('samples', grid, self.step)
+        self.say(f'sample grid: {path}')
