@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 AMP_CHOICES = ('auto', 'bf16', 'fp32')
+DEFAULT_AMP = 'auto'   # train.py, sample.py and evaluate.py: bf16 where it is native and measured faster
 
 # The longest one rank waits at a collective for the others: rank 0 alone writes checkpoints, grids
 # and FID statistics while the rest wait, and a resumed sampling run can leave some ranks with
@@ -257,7 +258,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_runtime_options(p):
     """--device, --amp, --quiet, --debug: shared by sample.py and evaluate.py."""
     p.add_argument('--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: the best available)')
-    p.add_argument('--amp', choices=AMP_CHOICES, default='auto',
+    p.add_argument('--amp', choices=AMP_CHOICES, default=DEFAULT_AMP,
                    help='network precision when sampling: auto is bf16 on CUDA and on CPUs with native bf16')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--debug', action='store_true', help='show the full traceback on errors')

@@ -34,9 +34,9 @@ from checkpoint import load_model
 from data.image_folder import save_npz
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
 from sample_store import PartialRun, reuse_complete_npz, run_meta
-from runtime import (Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256, resolve_device,
-                     run_cli, write_json)
-from samplers import DEFAULT_DDIM_STEPS
+from runtime import (DEFAULT_AMP, Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256,
+                     resolve_device, run_cli, write_json)
+from samplers import DEFAULT_DDIM_STEPS, timestep_sequence
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
@@ -77,7 +77,7 @@ def resolve_steps(model, sampler, steps):
 
 @torch.inference_mode()
 def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
-                 amp='fp32'):
+                 amp=DEFAULT_AMP):
     """Batch `index` of a run: `count` images as uint8 [count, H, W, C] (numpy, on the CPU).
 
     Its noise comes from a CPU generator seeded from (seed, index), so the batch
@@ -96,7 +96,7 @@ def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=
 
 
 def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
-             parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None, amp='fp32'):
+             parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None, amp=DEFAULT_AMP):
     """Sample `num_samples` images in batches; returns uint8 [N, H, W, C] on rank 0 (None on other ranks).
 
     parts_dir: a folder where every finished batch is saved at once, so that an
@@ -178,7 +178,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
 
 
 def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
-                      ema=None, device=None, npz=None, out_dir=None, progress=True, amp='auto'):
+                      ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP):
     """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
 
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
@@ -237,7 +237,7 @@ def save_grid(images, path, nrow=None):
 
 @torch.inference_mode()
 def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, columns=TRAJECTORY_COLUMNS,
-               progress=True):
+               progress=True, amp=DEFAULT_AMP):
     """The denoising chain of n images: (ts, frames) with frames uint8 [n, columns, H, W, C].
 
     Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
@@ -245,12 +245,12 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     generator, so the last column equals a --batch_size n run's first batch.
     """
     steps = resolve_steps(model, sampler, steps)
-    device = device if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
     generator = torch.Generator().manual_seed(batch_seed(seed, 0))
     x_T = torch.randn((n, *model.image_shape), generator=generator)
     T = model.timesteps
-    seq = torch.arange(T - 1, -1, -1) if sampler == 'ddpm' else model.ddim_timesteps(steps).flip(0)
+    seq = timestep_sequence(T, sampler, steps)
     # The state after the i-th step is x at the paper's t = (next step in seq) + 1, or t = 0 at the end.
     visited = [T] + [int(seq[i + 1]) + 1 if i + 1 < len(seq) else 0 for i in range(len(seq))]
     wanted = sorted({min(visited, key=lambda v: abs(v - target))
@@ -258,10 +258,11 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     frames = {T: x_T.to(device)} if T in wanted else {}
     chain = model.sample_progressive(n, device, sampler, steps if sampler == 'ddim' else None, eta, generator,
                                      progress, x_T=x_T)
-    for i, (step, x, _) in enumerate(chain):
-        t = visited[i + 1] if step >= 0 else 0
-        if t in wanted:
-            frames[t] = x
+    with autocast(device, amp_dtype(amp, device)):
+        for i, (step, x, _) in enumerate(chain):
+            t = visited[i + 1] if step >= 0 else 0
+            if t in wanted:
+                frames[t] = x
     stacked = torch.stack([to_uint8(frames[t].clamp(-1, 1)) for t in wanted], dim=1)   # [n, cols, C, H, W]
     return wanted, stacked.permute(0, 1, 3, 4, 2).cpu().numpy()
 
@@ -338,7 +339,7 @@ def run(args):
         model, _ = load_model(args.checkpoint, ema=args.ema, device=device)
         n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
         ts, frames = trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,
-                                progress=progress)
+                                progress=progress, amp=args.amp)
         written.append(f'{save_trajectory(frames, args.trajectory)} (rows: {n} images; columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
     for line in written:

@@ -78,7 +78,7 @@ def meta_difference(old, new):
     return '; '.join(diffs)
 
 
-def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp='fp32'):
+def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp):
     return {
         'format': META_FORMAT,
         'checkpoint': info.get('checkpoint'),

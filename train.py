@@ -23,7 +23,7 @@ import torch.distributed as torch_dist
 
 from checkpoint import CheckpointError, load_checkpoint
 from diffusion import DDPM_OPTIONS, UNET_OPTIONS
-from runtime import AMP_CHOICES, Distributed, OneLineErrorParser, closest
+from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest
 from samplers import DEFAULT_DDIM_STEPS, SAMPLERS
 from train_util import TrainLoop, plain
 
@@ -64,7 +64,7 @@ def train_ddpm(
     resume: str = None,               # a checkpoint path, or 'latest' (starts fresh when there is none)
     max_steps: int = None,            # stop after this many optimizer steps (saves ddpm_latest.pth)
     accum_steps: int = 1,             # gradient accumulation: micro-batches per optimizer step
-    amp: str = 'auto',                # 'auto' (bf16 on CUDA and on CPUs with native bf16, else fp32) | 'bf16' | 'fp32'
+    amp: str = DEFAULT_AMP,           # 'auto' (bf16 on CUDA and on CPUs with native bf16, else fp32) | 'bf16' | 'fp32'
     channels_last: bool = None,       # NHWC layout; None: on, except CPU bf16 where NCHW measured faster
     compile: bool = False,            # torch.compile the training step (checkpoints stay loadable without it)
     log_every: int = 10,              # steps between TensorBoard scalar writes
