@@ -24,8 +24,8 @@ import torch
 import torch.distributed as torch_dist
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-AMP_CHOICES = ('auto', 'bf16', 'fp32')
-DEFAULT_AMP = 'auto'   # train.py, sample.py and evaluate.py: bf16 where it is native and measured faster
+AMP_CHOICES = ('auto', 'bf16', 'fp16', 'fp32')
+DEFAULT_AMP = 'auto'   # train.py, sample.py and evaluate.py: see amp_dtype
 
 # The longest one rank waits at a collective for the others: rank 0 alone writes checkpoints, grids
 # and FID statistics while the rest wait, and a resumed sampling run can leave some ranks with
@@ -64,10 +64,19 @@ def cpu_has_native_bf16():
 
 
 def amp_dtype(amp, device):
-    """The autocast dtype (None: fp32). 'auto' is bf16 on CUDA and on CPUs with native bf16 (bench/)."""
-    if amp == 'bf16':
-        return torch.bfloat16
-    if amp == 'auto' and (device.type == 'cuda' or (device.type == 'cpu' and cpu_has_native_bf16())):
+    """The autocast dtype for `amp` on `device` (None: fp32).
+
+    'auto': bf16 on GPUs that support it (Ampere and newer) and on CPUs with
+    native bf16 (measured faster, bench/); fp16 on older GPUs (T4, V100), where
+    bf16 is emulated or refused, with train.py's GradScaler; else fp32.
+    """
+    if amp in ('bf16', 'fp16'):
+        return torch.bfloat16 if amp == 'bf16' else torch.float16
+    if amp != 'auto':
+        return None
+    if device.type == 'cuda':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == 'cpu' and cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
@@ -259,7 +268,8 @@ def add_runtime_options(p):
     """--device, --amp, --quiet, --debug: shared by sample.py and evaluate.py."""
     p.add_argument('--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: the best available)')
     p.add_argument('--amp', choices=AMP_CHOICES, default=DEFAULT_AMP,
-                   help='network precision when sampling: auto is bf16 on CUDA and on CPUs with native bf16')
+                   help='network precision when sampling: auto is bf16 on GPUs and CPUs with native bf16, fp16 on '
+                        'older GPUs, else fp32')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
 

@@ -64,7 +64,7 @@ def train_ddpm(
     resume: str = None,               # a checkpoint path, or 'latest' (starts fresh when there is none)
     max_steps: int = None,            # stop after this many optimizer steps (saves ddpm_latest.pth)
     accum_steps: int = 1,             # gradient accumulation: micro-batches per optimizer step
-    amp: str = DEFAULT_AMP,           # 'auto' (bf16 on CUDA and on CPUs with native bf16, else fp32) | 'bf16' | 'fp32'
+    amp: str = DEFAULT_AMP,           # 'auto' (bf16 where native, fp16 + GradScaler on older GPUs, else fp32) | 'bf16' | 'fp16' | 'fp32'
     channels_last: bool = None,       # NHWC layout; None: on, except CPU bf16 where NCHW measured faster
     compile: bool = False,            # torch.compile the training step (checkpoints stay loadable without it)
     log_every: int = 10,              # steps between TensorBoard scalar writes
@@ -81,7 +81,12 @@ def train_ddpm(
     beta_end: float = 0.02,           # beta_T of the linear schedule
     variance: str = 'beta',           # sampler variance: 'beta' (the paper's) | 'posterior' (beta-tilde)
 ):
-    """Train a DDPM and return it (the trained, unwrapped model; EMA weights are in the checkpoints)."""
+    """Train a DDPM; returns its EMA model, the one every sample path uses (`model.sample(...)`).
+
+    The raw (trained) weights are the checkpoint's model_state_dict:
+    `DDPM.from_checkpoint('checkpoints/ddpm_latest.pth', ema=False)`. The returned
+    model's `train_stats` says how the run ended (steps, skipped steps, stop reason).
+    """
     config = {k: v for k, v in locals().items()}
     validate_config(config)
     dist = Distributed(device)
@@ -210,7 +215,7 @@ def build_parser():
         if kind is bool:
             parser.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif kind is tuple:
-            parser.add_argument(f'--{name}', nargs='+', type=int, default=default, help=help_text)
+            parser.add_argument(f'--{name}', nargs='*', type=int, default=default, help=help_text)
         else:
             parser.add_argument(f'--{name}', type=kind, default=default, help=help_text)
     parser.add_argument('--debug', action='store_true', help='show full tracebacks on errors')

@@ -17,6 +17,7 @@ exactly the batch one process would.
 """
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -42,11 +43,15 @@ def plain(value):
     return str(value) if isinstance(value, torch.device) else value
 
 
-def rng_states():
-    states = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states['cuda'] = torch.cuda.get_rng_state_all()
-    return states
+def stream_seed(stream, seed, step, rank=0):
+    """A 63-bit seed for one random stream ('noise', 'dropout') at (seed, step, rank).
+
+    Hashing the stream's name with its coordinates keeps streams apart: no
+    (step, rank) of one stream can land on another's seed, as sums of scaled
+    integers can (seed * a + step * b + rank meets seed * a + step' at step' = b * step + rank).
+    """
+    digest = hashlib.sha256(f'{stream}/{seed}/{step}/{rank}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1
 
 
 def step_noise(generator, seed, step, global_batch, shape, timesteps):
@@ -55,7 +60,7 @@ def step_noise(generator, seed, step, global_batch, shape, timesteps):
     `generator` lives on the training device, so on a GPU the noise is drawn there
     (no host work or copy in the step); re-seeding it is cheap and needs no sync.
     """
-    generator.manual_seed(seed * 1_000_003 + step)
+    generator.manual_seed(stream_seed('noise', seed, step))
     t = torch.randint(0, timesteps, (global_batch,), generator=generator, device=generator.device)
     eps = torch.randn((global_batch, *shape), generator=generator, device=generator.device)
     return t, eps
@@ -122,6 +127,7 @@ class TrainLoop:
             self.total_steps = min(self.total_steps, c['max_steps'])
         self.step = int(ckpt['step']) if ckpt is not None else 0
         self.nan_skipped = int(ckpt.get('nan_skipped', 0)) if ckpt is not None else 0
+        self.scale_skipped = int(ckpt.get('scale_skipped', 0)) if ckpt is not None else 0
         self.bad_in_a_row, self.stop_reason, self.stop, self.stop_agreed = 0, None, None, False
         self.grid_made_at = None
         self.latest_path = os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth')
@@ -167,6 +173,10 @@ class TrainLoop:
         self.optimizer = torch.optim.Adam(self.params, lr=c['lr'], **adam_kwargs)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        if ckpt is not None and ckpt.get('scaler_state_dict'):
+            self.scaler.load_state_dict(ckpt['scaler_state_dict'])
         self.train_module = self.raw_model
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -255,23 +265,30 @@ class TrainLoop:
         t_all, eps_all = step_noise(self.noise_generator, c['seed'], self.step, c['batch_size'],
                                     tuple(self.images.shape[1:]), c['timesteps'])
         t, eps = t_all[rank * per_rank:(rank + 1) * per_rank], eps_all[rank * per_rank:(rank + 1) * per_rank]
-        torch.manual_seed(c['seed'] * 1_000_003 + self.step * 1009 + rank)  # dropout
+        torch.manual_seed(stream_seed('dropout', c['seed'], self.step, rank))
         for group in self.optimizer.param_groups:
             group['lr'] = c['lr'] * min(1.0, (self.step + 1) / max(1, c['warmup_steps']))
         loss = self.forward_backward(x_0, t, eps)
+        self.scaler.unscale_(self.optimizer)   # clip the true gradients (a no-op without fp16)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'] if c['grad_clip'] > 0 else math.inf)
         # A NaN/inf loss can come with finite gradients (e.g. a NaN added outside the graph): check both.
-        finite = self.agree(torch.isfinite(grad_norm) & torch.isfinite(torch.as_tensor(loss)))
+        loss_ok, grads_ok = self.agree(torch.isfinite(torch.as_tensor(loss)), torch.isfinite(grad_norm))
+        finite = loss_ok and grads_ok
         if finite:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)   # optimizer.step(), through the scaler when it is on
             ema_update(self.ema_params, self.params, ema_decay_at(self.step, c['ema_decay']))
             self.bad_in_a_row = 0
+        elif loss_ok and self.scaler.is_enabled():
+            # fp16 loss scaling overflowed: the scaler lowers its scale and the step is skipped.
+            # That is the scaler's normal search for a scale, not a NaN failure.
+            self.scale_skipped += 1
         else:
             # Skip the update (the batch is still consumed, so data order is unchanged):
             # NaN never reaches the weights; too many in a row stops the run.
             self.nan_skipped += 1
             self.bad_in_a_row += 1
             self.say(f'step {self.step}: non-finite loss/gradient, update skipped ({self.bad_in_a_row} in a row)')
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.bar.update(1)
@@ -287,23 +304,25 @@ class TrainLoop:
             with self.train_module.no_sync() if no_sync else nullcontext(), autocast(self.device,
                                                                                      self.autocast_dtype):
                 loss = self.train_module(x_0[sl], t[sl], eps[sl])
-            (loss / accum).backward()
+            self.scaler.scale(loss / accum).backward()
             loss_value += loss.detach() / accum
         return loss_value
 
-    def agree(self, finite):
-        """Under DDP one collective a step settles both: one rank's bad share makes every rank skip
-        (or the replicas diverge), and a signal on any rank stops all after this step."""
+    def agree(self, loss_ok, grads_ok):
+        """(loss finite, gradients finite) on every rank. Under DDP one collective a step settles both and
+        the stop flag: one rank's bad share makes every rank skip (or the replicas diverge), and a
+        signal on any rank stops all after this step."""
         if self.dist.world_size == 1:
-            return finite
+            return bool(loss_ok), bool(grads_ok)
         device = self.device
-        flags = torch.stack([finite.to(device=device, dtype=torch.float32).reshape(()),
+        flags = torch.stack([loss_ok.to(device=device, dtype=torch.float32).reshape(()),
+                             grads_ok.to(device=device, dtype=torch.float32).reshape(()),
                              torch.tensor(0.0 if self.stop.requested is not None else 1.0, device=device)])
         torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MIN)
-        self.stop_agreed = bool(flags[1] == 0)
+        self.stop_agreed = bool(flags[2] == 0)
         if self.stop_agreed and self.stop.requested is None:
             self.stop.requested = 'signal'
-        return flags[0] > 0
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def log_step(self, loss, grad_norm, finite):
         """Every log_every steps: the mean loss since the last log (finite steps only), lr, grad norm, images/s."""
@@ -323,7 +342,8 @@ class TrainLoop:
             ips = self.log_images / max(now - self.log_t, 1e-9)
             self.writer.add_scalar('train/loss', mean_loss, self.step)
             self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], self.step)
-            self.writer.add_scalar('train/grad_norm', float(grad_norm), self.step)
+            # clip_grad_norm_'s return value: the norm before clipping (the applied one is min(this, grad_clip)).
+            self.writer.add_scalar('train/grad_norm_preclip', float(grad_norm), self.step)
             self.writer.add_scalar('train/images_per_sec', ips, self.step)
             self.bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{ips:.1f}')
         self.log_t, self.log_images, self.loss_sum, self.loss_count = now, 0, 0.0, 0
@@ -357,10 +377,11 @@ class TrainLoop:
             self.say(f'done: {self.step} steps; saved {path}')
         if self.writer:
             self.writer.close()
-        # How the run ended, for scripts that call train_ddpm (the model is the usual DDPM otherwise).
-        self.raw_model.train_stats = {'step': self.step, 'nan_skipped': self.nan_skipped,
-                                      'stopped_by': self.stop_reason}
-        return self.raw_model
+        # How the run ended, for scripts that call train_ddpm. The EMA model is what every sample
+        # path uses, so it is what the run returns; the raw weights are the checkpoint's model_state_dict.
+        self.ema_model.train_stats = {'step': self.step, 'nan_skipped': self.nan_skipped,
+                                      'scale_skipped': self.scale_skipped, 'stopped_by': self.stop_reason}
+        return self.ema_model
 
     def kept(self):
         return (f'the last good checkpoint is kept ({self.latest_path})' if os.path.exists(self.latest_path)
@@ -376,8 +397,10 @@ class TrainLoop:
             return None
         state = {'model_state_dict': self.raw_model.state_dict(), 'ema_state_dict': self.ema_model.state_dict(),
                  'optimizer_state_dict': self.optimizer.state_dict(), 'epoch': self.step // self.steps_per_epoch,
-                 'step': self.step, 'config': self.plain_config, 'rng_state': rng_states(),
-                 'nan_skipped': self.nan_skipped, 'environment': self.env}
+                 'step': self.step, 'config': self.plain_config, 'nan_skipped': self.nan_skipped,
+                 'scale_skipped': self.scale_skipped, 'environment': self.env}
+        if self.scaler.is_enabled():
+            state['scaler_state_dict'] = self.scaler.state_dict()
         if tag_epoch is not None:
             save_checkpoint(state, os.path.join(self.c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
         return save_checkpoint(state, self.latest_path)

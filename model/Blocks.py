@@ -236,6 +236,12 @@ class UNet(nn.Module):
             raise ValueError(f'image_size={image_size} must be divisible by 2**{levels - 1} '
                              f'(the U-Net halves it {levels - 1} times for channels={channels}); '
                              f'pick an image_size that is a multiple of {2 ** (levels - 1)} or use fewer levels')
+        resolutions = [image_size // 2 ** i for i in range(levels)]
+        unreached = [r for r in attn_resolutions if r not in resolutions]
+        if unreached:  # silently training without the attention asked for would be worse than stopping
+            raise ValueError(f'attn_resolutions {unreached} are never reached: with image_size={image_size} and '
+                             f'{levels} level(s) the U-Net works at resolutions {resolutions}; pick attn_resolutions '
+                             f'from those (or an empty list for no attention)')
         self.config = dict(in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
                            time_emb_dim=time_emb_dim, attn_resolutions=attn_resolutions,
                            num_heads=num_heads, dropout=dropout, image_size=image_size)

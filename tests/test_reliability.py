@@ -590,7 +590,7 @@ def test_a_few_nan_steps_are_skipped_and_counted(env, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     poison_loss(monkeypatch, {2, 3}, 'nan')
     model, ckpt_dir = run(env, tmp_path, num_epochs=3)
-    assert model.train_stats == {'step': 6, 'nan_skipped': 2, 'stopped_by': None}
+    assert model.train_stats == {'step': 6, 'nan_skipped': 2, 'scale_skipped': 0, 'stopped_by': None}
     ckpt = load(os.path.join(ckpt_dir, 'ddpm_latest.pth'))
     assert ckpt['nan_skipped'] == 2 and all_finite(ckpt['model_state_dict']) and all_finite(ckpt['ema_state_dict'])
     acc = EventAccumulator(str(tmp_path / 'run' / 'runs' / 'run'))
