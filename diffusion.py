@@ -221,14 +221,16 @@ class DDPM(nn.Module):
 
     # ----- the variational bound, in bits/dim -----------------------------------------------
 
-    def vb_term_bpd(self, x_0, x_t, t):
+    def vb_term_bpd(self, x_0, x_t, t, clip_denoised=True):
         """One term of the variational bound, Eq. (5), in bits/dim, per image.
 
         For t > 1 (code t > 0): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)).
         For t = 1 (code t = 0): L_0 = -log p_theta(x_0 | x_1), the discretised Gaussian decoder.
+        clip_denoised: p_theta's mean from the predicted x_0 clipped to [-1, 1], as the paper's
+        released code evaluates the bound (its 3.70-3.75 bits/dim); both choices are valid bounds.
         """
         true_mean, _, true_logvar = self.q_posterior(x_0, x_t, t)
-        mean, _, logvar, _ = self.p_mean_variance(x_t, t, clip_denoised=False)
+        mean, _, logvar, _ = self.p_mean_variance(x_t, t, clip_denoised=clip_denoised)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)

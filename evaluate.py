@@ -265,15 +265,19 @@ def image_metrics(images, extractor, fid_layer, isc_layer, ref_stats, ref_featur
 # ----- bits/dim -------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, device='cpu', seed=0, progress=True):
+def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, device='cpu', seed=0, progress=True,
+                 clip_denoised=True):
     """NLL upper bound in bits/dim of uint8 [N, H, W, C] images by the variational bound, Eq. (5).
 
     mode 'exact': per image, L_T + sum over all T terms (the T-1 KL terms and
         the decoder L_0), each at one x_t ~ q(x_t | x_0).
     mode 'estimate': per image, L_T + L_0 + (T-1) * the mean of `t_samples`
         KL terms at t uniform over the T-1 KL steps: unbiased for the same bound.
+    clip_denoised: p_theta's mean from the x_0 prediction clipped to [-1, 1], as the
+        paper's code computes the published 3.70-3.75 (see DDPM.vb_term_bpd).
     Returns mean and standard error over images (they include the Monte Carlo
-    noise of x_t and of t), and the mean prior / KL / decoder parts.
+    noise of x_t and of t), and the mean prior / KL / decoder parts. The network
+    runs in fp32: the small-t KL terms are differences of nearly equal numbers.
     """
     if mode not in ('exact', 'estimate'):
         raise EvalError(f"bpd mode must be 'exact' or 'estimate', got {mode!r}")
@@ -299,7 +303,7 @@ def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, devic
 
         def term(t):
             noise = torch.randn(x_0.shape, generator=generator).to(device)
-            return model.vb_term_bpd(x_0, model.q_sample(x_0, t, noise), t).double().cpu()
+            return model.vb_term_bpd(x_0, model.q_sample(x_0, t, noise), t, clip_denoised).double().cpu()
 
         prior = model.prior_bpd(x_0).double().cpu()
         decoder = term(torch.zeros(n, dtype=torch.long, device=device))
@@ -338,6 +342,7 @@ def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, devic
         'num_images': count,
         'mode': mode,
         'timesteps': T,
+        'clip_denoised': bool(clip_denoised),
     }
     if mode == 'exact':
         result['terms_bpd'] = (term_sums / count).tolist()   # mean L_{t-1} at code t = 0..T-1 (t = 0: decoder)
@@ -419,6 +424,9 @@ def build_parser():
     b.add_argument('--t_samples', type=int, default=10, help='sampled t per image in estimate mode')
     b.add_argument('--num_images', type=int, default=None, help='a random subset of this many images')
     b.add_argument('--bpd_batch_size', type=int, default=250)
+    b.add_argument('--bpd_clip', action=argparse.BooleanOptionalAction, default=True,
+                   help="p_theta's mean from the x_0 prediction clipped to [-1, 1], as the paper's code evaluates "
+                        'it (its 3.70-3.75); --no-bpd_clip: the unclipped bound')
 
     add_runtime_options(p)
     return p
@@ -513,16 +521,17 @@ def run(args):
             images = images[keep]
         start = time.time()
         results = bits_per_dim(model, images, args.bpd_mode, args.t_samples, args.bpd_batch_size, device,
-                               args.seed, progress)
+                               args.seed, progress, clip_denoised=args.bpd_clip)
         results['seconds'] = round(time.time() - start, 1)
         data = (os.path.abspath(args.bpd_data) if os.path.exists(args.bpd_data) else
                 args.bpd_data if args.bpd_data == 'cifar10' else f'{args.bpd_data}:{os.path.abspath(args.data_dir)}')
         options = {'ema': info['ema'], 'data': data, 'split': 'test', 'mode': args.bpd_mode,
-                   'num_images': results['num_images'], 'seed': args.seed}
+                   'num_images': results['num_images'], 'seed': args.seed, 'clip_denoised': args.bpd_clip}
         if args.bpd_mode == 'estimate':
             options['t_samples'] = args.t_samples
         record(out_path, 'bpd', options, results)
         lines.append(f'NLL {results["bpd"]:.4f} +- {results["bpd_stderr"]:.4f} bits/dim ({args.bpd_mode}, '
+                     f'{"clipped" if args.bpd_clip else "unclipped"} x_0, '
                      f'{results["num_images"]} images; prior {results["prior_bpd"]:.4f}, KL terms '
                      f'{results["kl_terms_bpd"]:.4f}, decoder {results["decoder_bpd"]:.4f})')
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+import checkpoint
 import evaluate
 import sample
 from checkpoint import save_checkpoint
@@ -265,8 +266,11 @@ def schedule(T, beta_start=1e-4, beta_end=0.02):
     return betas, alphas_cumprod
 
 
+@pytest.mark.parametrize('clip', [True, False], ids=['clipped', 'unclipped'])
 @pytest.mark.parametrize('variance', ['beta', 'posterior'])
-def test_each_kl_term_matches_its_closed_form(variance):
+def test_each_kl_term_matches_its_closed_form(variance, clip):
+    """KL(q || p_theta) per term; with clip, p_theta's mean is Eq. (7)'s posterior mean of the clipped
+    x_0 prediction (the paper's evaluation), else Eq. (11)."""
     T = 20
     model = tiny_model(T, variance=variance)
     betas, abar = schedule(T)
@@ -276,7 +280,7 @@ def test_each_kl_term_matches_its_closed_form(variance):
         t = torch.full((3,), step)
         noise = torch.randn(x_0.shape, generator=g)
         x_t = model.q_sample(x_0, t, noise)
-        ours = model.vb_term_bpd(x_0, x_t, t)
+        ours = model.vb_term_bpd(x_0, x_t, t, clip_denoised=clip)
 
         # q(x_{t-1} | x_t, x_0), Eqs. (6)-(7), and p(x_{t-1} | x_t) with the mean of Eq. (11).
         b, a_t, a_prev = betas[step], abar[step], abar[step - 1]
@@ -286,6 +290,10 @@ def test_each_kl_term_matches_its_closed_form(variance):
         with torch.no_grad():
             eps = model.network(x_t, t).double()
         p_mean = (xtd - b / (1 - a_t).sqrt() * eps) / (1 - b).sqrt()
+        x0_pred = ((xtd - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        if clip:
+            assert (x0_pred.abs() == 1).any()   # the clip changes something here
+            p_mean = a_prev.sqrt() * b / (1 - a_t) * x0_pred + (1 - b).sqrt() * (1 - a_prev) / (1 - a_t) * xtd
         p_var = b if variance == 'beta' else q_var
         kl = kl_divergence(Normal(q_mean, q_var.sqrt()), Normal(p_mean, p_var.sqrt()))
         expected = kl.flatten(1).mean(1) / math.log(2)
@@ -349,3 +357,24 @@ def test_cli_bpd_writes_results_next_to_the_checkpoint(tmp_path, capsys):
     assert 'the model makes' in capsys.readouterr().err
     assert evaluate.main(['--checkpoint', ckpt, '--quiet']) == 2
     assert 'nothing to do' in capsys.readouterr().err
+
+
+def test_bpd_clips_x0_by_default_as_the_papers_code_and_records_it(tmp_path, capsys):
+    """The default bound uses the clipped x_0 prediction (the paper's calc_bpd_loop); --no-bpd_clip the
+    unclipped one. Both are recorded apart in the .eval.json, and the bits/dim agree with bits_per_dim."""
+    ckpt = make_checkpoint(tmp_path / 'ddpm_epoch_1.pth', timesteps=20)
+    data = tmp_path / 'test.npz'
+    np.savez(data, smooth_images(6, seed=3))
+    common = ['--checkpoint', ckpt, '--bpd', '--bpd_data', str(data), '--device', 'cpu', '--quiet']
+    assert evaluate.main(common) == 0 and evaluate.main([*common, '--no-bpd_clip']) == 0
+    assert 'clipped x_0' in capsys.readouterr().out
+    results = {e['options']['clip_denoised']: e['results'] for e in
+               json.loads((tmp_path / 'ddpm_epoch_1.eval.json').read_text()).values()}
+    assert results[True]['clip_denoised'] is True and results[False]['clip_denoised'] is False
+    model = checkpoint.load_model(ckpt, device="cpu")[0]
+    images = np.load(data)['arr_0']
+    for clip in (True, False):
+        direct = evaluate.bits_per_dim(model, images, 'exact', batch_size=250, seed=0, progress=False,
+                                       clip_denoised=clip)
+        assert results[clip]['bpd'] == pytest.approx(direct['bpd'], rel=1e-9)
+    assert results[True]['bpd'] != results[False]['bpd']

@@ -57,11 +57,11 @@ def test_attention_sits_at_the_named_resolutions(arch, expected):
 
 
 def test_parameter_counts():
-    """The paper's CIFAR-10 net has 35.7M parameters (Ho et al., Sec. 4); 'base' is pinned exactly."""
+    """The paper's CIFAR-10 net has 35.7M parameters (Ho et al., Sec. 4); both counts are pinned exactly."""
     paper = count(create_cifar10_ddpm('ddpm-paper'))
     base = count(create_cifar10_ddpm('base'))
     print(f'\nparameters: ddpm-paper {paper:,}, base {base:,}')
-    assert abs(paper - 35.7e6) / 35.7e6 < 0.01
+    assert paper == 35_746_307   # the released model's count (35.7M, Sec. 4)
     assert base == 15_646_595
 
 
@@ -253,3 +253,11 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().max() > 0, name
+
+
+def test_attention_at_a_resolution_the_unet_never_reaches_is_an_error():
+    """channels=(32, 64) on 32x32 images works at 32 and 16: attention 'at 64' would silently be none."""
+    with pytest.raises(ValueError, match=r'attn_resolutions \[64\] are never reached.*resolutions \[32, 16\]'):
+        create_cifar10_ddpm(channels=(32, 64), attn_resolutions=(64,))
+    net = create_cifar10_ddpm(channels=(32, 64), attn_resolutions=()).network   # none, said explicitly
+    assert not any(isinstance(m, SelfAttention) for m in net.modules())
