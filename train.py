@@ -215,7 +215,9 @@ def build_parser():
         if kind is bool:
             parser.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif kind is tuple:
-            parser.add_argument(f'--{name}', nargs='*', type=int, default=default, help=help_text)
+            # --attn_resolutions with no value means no attention; other tuples need at least one value.
+            nargs = '*' if name == 'attn_resolutions' else '+'
+            parser.add_argument(f'--{name}', nargs=nargs, type=int, default=default, help=help_text)
         else:
             parser.add_argument(f'--{name}', type=kind, default=default, help=help_text)
     parser.add_argument('--debug', action='store_true', help='show full tracebacks on errors')
