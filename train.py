@@ -76,7 +76,7 @@ def train_ddpm(
     num_heads: int = None,            # attention heads; None: the arch's
     dropout: float = None,            # dropout in ResNet blocks; None: the arch's (0.1)
     image_size: int = 32,             # training resolution (images are resized for dataset='folder')
-    downsample_padding: str = 'same', # 'same': TF padding, bottom/right (the paper's) | 'symmetric': older checkpoints'
+    downsample_padding: str = 'same', # 'same': TF padding, bottom/right (the paper's) | 'symmetric': older checkpoints
     timesteps: int = 1000,            # T
     beta_start: float = 1e-4,         # beta_1 of the linear schedule
     beta_end: float = 0.02,           # beta_T of the linear schedule
