@@ -59,12 +59,15 @@ def diffusers_unet(diffusers, config, seed=0):
     return randomize(diffusers.UNet2DModel(**config), seed)
 
 
-def max_diff_forward(theirs, ours, size, batch=2, seed=1):
+def max_diff_forward(theirs, ours, size, what, batch=2, seed=1):
+    """max |diffusers(x_t, t) - ours(x_t, t)| on random x_t and t (printed: pytest -s shows it)."""
     g = torch.Generator().manual_seed(seed)
     x_t = torch.randn(batch, 3, size, size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     with torch.no_grad():
-        return (theirs(x_t, t).sample - ours(x_t, t)).abs().max().item()
+        diff = (theirs(x_t, t).sample - ours(x_t, t)).abs().max().item()
+    print(f'{what}: max abs difference {diff:.2e}')
+    return diff
 
 
 class CollectLogs(logging.Handler):
@@ -93,10 +96,10 @@ def test_cifar10_32_pipeline_loads_and_computes_the_same_function(diffusers, tmp
     model = DDPM.from_checkpoint(tmp_path)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in unet.parameters()) == 35_746_307
     assert (model.timesteps, model.variance, model.network.config['downsample_padding']) == (1000, 'beta', 'same')
-    assert max_diff_forward(unet, model.network.eval(), 32) <= TOL
+    assert max_diff_forward(unet, model.network.eval(), 32, 'cifar10-32, diffusers -> ours') <= TOL
 
 
-def test_256_family_loads_from_a_bin_with_old_attention_names(diffusers, tmp_path):
+def test_256_family_both_ways_and_from_a_bin_with_old_attention_names(diffusers, tmp_path):
     unet = diffusers_unet(diffusers, SMALL_256)
     unet.save_pretrained(tmp_path, safe_serialization=False)
     # Releases before diffusers 0.15 (google/ddpm-* among them) named the attention weights query/key/value/proj_attn.
@@ -107,7 +110,10 @@ def test_256_family_loads_from_a_bin_with_old_attention_names(diffusers, tmp_pat
     torch.save(weights, tmp_path / 'diffusion_pytorch_model.bin')
     model = DDPM.from_checkpoint(tmp_path)   # a bare UNet2DModel folder: the paper's schedule
     assert model.network.config['attn_resolutions'] == (4,) and model.network.image_size == 64
-    assert max_diff_forward(unet, model.network.eval(), 64) <= TOL
+    assert max_diff_forward(unet, model.network.eval(), 64, '256-family (64 px), diffusers -> ours') <= TOL
+    diffusers_io.save_diffusers(model, tmp_path / 'export')
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / 'export' / 'unet').eval()
+    assert max_diff_forward(theirs, model.network.eval(), 64, '256-family (64 px), ours -> diffusers') <= TOL
 
 
 def test_full_size_256_config_maps_every_weight(diffusers):
@@ -137,7 +143,7 @@ def test_export_loads_in_diffusers_without_warnings_and_computes_the_same_functi
         _, unused, _ = cls.extract_init_dict(json.loads((tmp_path / config).read_text()))
         assert not unused, f'{config}: keys diffusers ignores: {unused}'
     assert pipe.scheduler.config.variance_type == 'fixed_small'
-    assert max_diff_forward(pipe.unet.eval(), model.network.eval(), 32) <= TOL
+    assert max_diff_forward(pipe.unet.eval(), model.network.eval(), 32, 'cifar10-32, ours -> diffusers') <= TOL
     back = DDPM.from_checkpoint(tmp_path)   # and back: bit for bit
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
 
@@ -147,8 +153,8 @@ def test_export_of_an_old_symmetric_padding_model(diffusers, tmp_path):
     randomize(model.network)
     diffusers_io.save_diffusers(model, tmp_path)
     assert json.loads((tmp_path / 'unet' / 'config.json').read_text())['downsample_padding'] == 1
-    assert max_diff_forward(diffusers.UNet2DModel.from_pretrained(tmp_path / 'unet').eval(), model.network.eval(),
-                            32) <= TOL
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / 'unet').eval()
+    assert max_diff_forward(theirs, model.network.eval(), 32, 'symmetric padding, ours -> diffusers') <= TOL
 
 
 @pytest.mark.parametrize('arch, why', [('base', 'head'), ('tiny', 'GroupNorm')])
@@ -209,6 +215,7 @@ def worst_step_difference(model, scheduler, step_kwargs, **sample_kwargs):
 def test_ddpm_steps_equal_ddpm_scheduler(diffusers, float64_schedulers, variance_type, variance):
     scheduler = float64_schedulers(diffusers.DDPMScheduler, **dict(SCHEDULER, variance_type=variance_type))
     worst, steps = worst_step_difference(DDPM(ToyEps(), variance=variance), scheduler, {}, sampler='ddpm')
+    print(f'DDPM steps, {variance_type}: max abs difference {worst:.2e}')
     assert steps == 1000 and worst <= TOL
 
 
@@ -219,6 +226,7 @@ def test_ddim_steps_equal_ddim_scheduler(diffusers, float64_schedulers, eta):
     scheduler.set_timesteps(27)
     worst, steps = worst_step_difference(DDPM(ToyEps()), scheduler, dict(eta=eta, use_clipped_model_output=True),
                                          sampler='ddim', steps=28, eta=eta)
+    print(f'DDIM steps, eta={eta}: max abs difference {worst:.2e}')
     assert steps == 28 and worst <= TOL
 
 
