@@ -263,12 +263,19 @@ def read_weights(folder):
 # ----- folders -------------------------------------------------------------------------------
 
 def find_unet_folder(path):
-    """(the UNet2DModel folder, the scheduler config or None) for a UNet2DModel or DDPMPipeline folder."""
-    if os.path.exists(os.path.join(path, 'unet')):
-        scheduler = os.path.join(path, 'scheduler', 'scheduler_config.json')
-        return os.path.join(path, 'unet'), scheduler if os.path.exists(scheduler) else None
-    if os.path.exists(os.path.join(path, 'config.json')):
-        return path, None
+    """(the UNet2DModel folder, the scheduler config or None) for a UNet2DModel or DDPMPipeline folder.
+
+    A pipeline keeps its parts in unet/ and scheduler/, or (google/ddpm-*) all in one folder.
+    """
+    unet = os.path.join(path, 'unet') if os.path.exists(os.path.join(path, 'unet')) else path
+    for scheduler in (os.path.join(path, 'scheduler', 'scheduler_config.json'),
+                      os.path.join(path, 'scheduler_config.json')):
+        if os.path.exists(scheduler):
+            break
+    else:
+        scheduler = None
+    if unet != path or os.path.exists(os.path.join(path, 'config.json')):
+        return unet, scheduler
     raise CheckpointError(f'{path} is a folder but not a diffusers model: it has neither config.json '
                           f'(a UNet2DModel) nor unet/config.json (a DDPMPipeline); pass a .pth checkpoint or '
                           f'such a folder')
@@ -277,7 +284,7 @@ def find_unet_folder(path):
 def load_diffusers(path):
     """A diffusers UNet2DModel or DDPMPipeline folder -> one of our checkpoint dicts (weights + config).
 
-    Without a scheduler config (a bare UNet2DModel folder) the DDPM gets our defaults, the paper's schedule.
+    Without a scheduler config (a bare UNet2DModel folder) the DDPM gets our defaults: the paper's schedule.
     """
     unet_dir, scheduler_path = find_unet_folder(os.fspath(path))
     config_path = os.path.join(unet_dir, 'config.json')

@@ -116,6 +116,13 @@ def test_256_family_both_ways_and_from_a_bin_with_old_attention_names(diffusers,
     assert max_diff_forward(theirs, model.network.eval(), 64, '256-family (64 px), ours -> diffusers') <= TOL
 
 
+def test_a_pipeline_saved_in_one_folder_uses_its_scheduler(diffusers, tmp_path):
+    """google/ddpm-* keep config.json, the weights and scheduler_config.json side by side."""
+    diffusers_unet(diffusers, TINY).save_pretrained(tmp_path)
+    diffusers.DDPMScheduler(**dict(SCHEDULER, variance_type='fixed_small')).save_pretrained(tmp_path)
+    assert DDPM.from_checkpoint(tmp_path).variance == 'posterior'
+
+
 def test_full_size_256_config_maps_every_weight(diffusers):
     """The released 256x256 config (no weights: meta tensors) maps onto ours name for name, shape for shape."""
     with torch.device('meta'):
