@@ -26,8 +26,9 @@ def build_parser():
                     help='write SOURCE (a checkpoint) as a diffusers DDPMPipeline folder')
     to.add_argument('--out', metavar='CKPT', default=None,
                     help='write SOURCE (a diffusers folder) as one of our .pth checkpoints')
-    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
-                   help='export the EMA weights (--no-ema: the raw training weights)')
+    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
+                   help='export the EMA weights (default: when the checkpoint has them; train.py always saves '
+                        'them); --no-ema: the raw training weights')
     p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     return p
 
@@ -40,11 +41,12 @@ def run(args):
             raise CheckpointError(f'{args.source} is already a diffusers folder; --to-diffusers takes a .pth '
                                   f'checkpoint')
         ckpt = load_checkpoint(args.source)
-        if args.ema and ckpt.get('ema_state_dict') is None:
-            raise CheckpointError(f'{args.source} has no EMA weights; pass --no-ema to export its raw weights')
-        model = model_from_checkpoint(ckpt, ema=args.ema, source=args.source)
-        print(f'wrote {save_diffusers(model, args.to_diffusers)} '
-              f'(DDPMPipeline, {"EMA" if args.ema else "raw"} weights)')
+        has_ema = ckpt.get('ema_state_dict') is not None
+        if args.ema and not has_ema:
+            raise CheckpointError(f'{args.source} has no EMA weights; drop --ema to export its only weights')
+        ema = has_ema if args.ema is None else args.ema
+        model = model_from_checkpoint(ckpt, ema=ema, source=args.source)
+        print(f'wrote {save_diffusers(model, args.to_diffusers)} (DDPMPipeline, {"EMA" if ema else "raw"} weights)')
     else:
         if not os.path.isdir(args.source):
             raise CheckpointError(f'{args.source} is not a folder; --out converts a diffusers folder '

@@ -342,10 +342,13 @@ def test_convert_both_ways(tmp_path):
     assert stored['config']['downsample_padding'] == 'same' and stored['config']['variance'] == 'beta'
     rebuilt = DDPM.from_checkpoint(ckpt)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    # Its one set of weights (the released ones are an EMA already) exports back without flags.
+    assert convert.main([str(ckpt), '--to-diffusers', str(tmp_path / 'again')]) == 0
+    assert convert.main([str(ckpt), '--to-diffusers', str(tmp_path / 'again'), '--ema']) == 2
     # A checkpoint with EMA weights exports them by default, the raw ones with --no-ema.
     raw = {k: v + 1 for k, v in model.state_dict().items()}
     torch.save({'model_state_dict': raw, 'ema_state_dict': model.state_dict(), 'config': stored['config']}, ckpt)
-    for flag, expected in (([], model.state_dict()), (['--no-ema'], raw)):
+    for flag, expected in (([], model.state_dict()), (['--ema'], model.state_dict()), (['--no-ema'], raw)):
         assert convert.main([str(ckpt), '--to-diffusers', str(tmp_path / 'out')] + flag) == 0
         exported = load_checkpoint(tmp_path / 'out')['model_state_dict']
         assert all(torch.equal(exported[k], expected[k]) for k in expected)
