@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from diffusion import DDPM_OPTIONS, UNET_OPTIONS, create_cifar10_ddpm, model_kwargs
+from diffusion import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS, create_cifar10_ddpm, model_kwargs
 from runtime import atomic_write, closest, use_channels_last
 
 
@@ -23,11 +23,15 @@ def load_checkpoint(path, map_location='cpu'):
     """torch.load a checkpoint safely (weights_only=True) with one-line errors for bad files.
 
     A raw state_dict (a dict of tensors) is accepted and returned as
-    {'model_state_dict': state_dict}.
+    {'model_state_dict': state_dict}; a diffusers folder is converted to the
+    same dict, config included (diffusers_io.load_diffusers).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f'checkpoint not found: {path} (check the path, or train one with python train.py)')
+    if os.path.isdir(path):  # a diffusers UNet2DModel or DDPMPipeline folder
+        from diffusers_io import load_diffusers
+        return load_diffusers(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'checkpoint {path} is empty (0 bytes); it was probably cut off while writing; '
                               f'use an earlier checkpoint')
@@ -154,7 +158,7 @@ def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **m
         if key not in valid:
             raise ValueError(f'unknown model option {key!r}{closest(key, valid)}; valid: {list(valid)}')
     stored = ckpt.get('config') or {}
-    model = create_cifar10_ddpm(**model_kwargs({**stored, **model_options}))
+    model = create_cifar10_ddpm(**model_kwargs({**LEGACY_DEFAULTS, **stored, **model_options}))
     key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
     advice = None
     if not stored and not model_options:

@@ -251,7 +251,9 @@ class DDPM(nn.Module):
         A checkpoint that carries no config (a bare state_dict) is rebuilt as the
         default 'base' model; pass the options it was trained with as keywords,
         e.g. `DDPM.from_checkpoint('weights.pth', channels=(32, 64), image_size=16)`.
-        Keywords override the stored config.
+        Keywords override the stored config. A config without downsample_padding
+        (written before the option existed) gets the old 'symmetric' padding.
+        `path` may also be a diffusers UNet2DModel or DDPMPipeline folder.
         """
         from checkpoint import load_checkpoint, model_from_checkpoint  # checkpoint.py builds on this module
         return model_from_checkpoint(load_checkpoint(path, map_location=device), ema, device, source=path,
@@ -262,6 +264,9 @@ class DDPM(nn.Module):
 
 DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance')
 UNET_OPTIONS = tuple(p for p in inspect.signature(UNet).parameters)
+# Options added after checkpoints had been written: a stored config without the key
+# was trained with this value, not with the new default.
+LEGACY_DEFAULTS = {'downsample_padding': 'symmetric'}
 
 
 def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
@@ -269,7 +274,7 @@ def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0
     """The CIFAR-10 DDPM: a UNet of the named `arch` ('base', 'ddpm-paper' or 'tiny') inside a DDPM.
 
     Any UNet keyword (channels, num_res_blocks, time_emb_dim, attn_resolutions,
-    num_heads, dropout, image_size, in_channels) overrides the arch's value.
+    num_heads, dropout, image_size, in_channels, downsample_padding) overrides the arch's value.
     """
     unknown = set(unet_overrides) - set(UNET_OPTIONS)
     if unknown:

@@ -384,7 +384,8 @@ def build_parser():
         description='FID / Inception Score and bits/dim of a DDPM checkpoint (or of existing samples).',
         formatter_class=HelpFormatter)
     what = p.add_argument_group('what to evaluate')
-    what.add_argument('--checkpoint', default=None, help='a checkpoint written by train.py')
+    what.add_argument('--checkpoint', default=None,
+                      help='a checkpoint written by train.py, or a diffusers model folder')
     what.add_argument('--samples', default=None, help='score existing samples: an .npz (uint8 NHWC) or image folder')
     what.add_argument('--fid', action='store_true', help='FID and Inception Score')
     what.add_argument('--kid', action='store_true', help='also KID (caches the reference features, ~0.4 GB)')

@@ -202,10 +202,21 @@ def atomic_write(path, write):
 
 
 def file_sha256(path, chunk=1 << 22):
+    """SHA-256 of a file; of a folder (a diffusers model): of its .json and weight files' names and bytes."""
     digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            digest.update(block)
+    files = {'': path}
+    if os.path.isdir(path):
+        files = {}
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith('.')]   # .git, .cache, our outputs: not the model
+            for name in names:
+                if name.endswith(('.json', '.safetensors', '.bin')) and not name.startswith('.'):
+                    files[os.path.relpath(os.path.join(root, name), path)] = os.path.join(root, name)
+    for name in sorted(files):
+        digest.update(name.encode())
+        with open(files[name], 'rb') as f:
+            for block in iter(lambda: f.read(chunk), b''):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -278,7 +278,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         description='Sample images from a DDPM checkpoint (the model is rebuilt from the checkpoint\'s config).',
         formatter_class=HelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='a checkpoint written by train.py')
+    p.add_argument('--checkpoint', required=True,
+                   help='a checkpoint written by train.py, or a diffusers DDPMPipeline / UNet2DModel folder')
     p.add_argument('--num_samples', type=int, default=64, help='number of images')
     p.add_argument('--batch_size', type=int, default=256,
                    help='images per batch; part of a run\'s identity (batch i is seeded from (seed, i))')

@@ -18,6 +18,7 @@ DEPENDENCIES = [
     ('tensorboard', 'tensorboard', 'training logs'),
     ('scipy', 'scipy', 'the Frechet distance in evaluate.py'),
     ('torch_fidelity', 'torch-fidelity', 'FID / IS in evaluate.py'),
+    ('safetensors', 'safetensors', 'diffusers folders (diffusers_io.py, convert.py)'),
 ]
 
 
@@ -40,7 +41,7 @@ def main():
     import torch
     # The repo's own modules must import too; train.py decides the device.
     for module in ('model.Blocks', 'diffusion', 'samplers', 'checkpoint', 'runtime', 'data.process_cifar', 'train',
-                   'sample', 'evaluate'):
+                   'sample', 'evaluate', 'diffusers_io', 'convert'):
         importlib.import_module(module)
     from runtime import resolve_device
     device = resolve_device(None).type

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from checkpoint import CheckpointError, load_checkpoint
-from diffusion import DDPM_OPTIONS, UNET_OPTIONS
+from diffusion import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS
 from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest
 from samplers import DEFAULT_DDIM_STEPS, SAMPLERS
 from train_util import TrainLoop, plain
@@ -76,6 +76,7 @@ def train_ddpm(
     num_heads: int = None,            # attention heads; None: the arch's
     dropout: float = None,            # dropout in ResNet blocks; None: the arch's (0.1)
     image_size: int = 32,             # training resolution (images are resized for dataset='folder')
+    downsample_padding: str = 'same', # 'same': TF padding, bottom/right (the paper's) | 'symmetric': older checkpoints
     timesteps: int = 1000,            # T
     beta_start: float = 1e-4,         # beta_1 of the linear schedule
     beta_end: float = 0.02,           # beta_T of the linear schedule
@@ -174,7 +175,7 @@ def _train(config, dist):
         if 'optimizer_state_dict' not in ckpt or 'step' not in ckpt:
             raise CheckpointError(f'{resume_path} holds weights only (no optimizer state or step), so training '
                                   f'cannot resume from it; load it with DDPM.from_checkpoint instead')
-        config = merge_resumed_config(config, ckpt.get('config') or {}, say)
+        config = merge_resumed_config(config, {**LEGACY_DEFAULTS, **(ckpt.get('config') or {})}, say)
     if dist.world_size > 1:
         check_ranks_agree(int(ckpt['step']) if ckpt is not None else -1, dist.device)
     if config['run_name'] is None:

@@ -131,14 +131,30 @@ class SelfAttention(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3x3 conv."""
+DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 
-    def __init__(self, channels):
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 conv.
+
+    padding='same' is TensorFlow's 'SAME' padding, which the paper's released
+    code uses: for an even size it pads one pixel at the bottom and right only,
+    so output pixel i sees input pixels 2i..2i+2. 'symmetric' pads one pixel on
+    every side (pixels 2i-1..2i+1), which shifts every downsample by one input
+    pixel against the released weights; checkpoints written before the option
+    existed used it.
+    """
+
+    def __init__(self, channels, padding='same'):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f'downsample_padding must be one of {DOWNSAMPLE_PADDINGS}, got {padding!r}')
+        self.pad_bottom_right = padding == 'same'
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.pad_bottom_right else 1)
 
     def forward(self, x):
+        if self.pad_bottom_right:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -161,14 +177,14 @@ class DownBlock(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, time_emb_dim, num_res_blocks, attention,
-                 num_heads, dropout, downsample):
+                 num_heads, dropout, downsample, downsample_padding='same'):
         super().__init__()
         self.res = nn.ModuleList(
             ResNetBlock(in_channels if i == 0 else out_channels, out_channels, time_emb_dim, dropout)
             for i in range(num_res_blocks))
         self.attn = nn.ModuleList(
             SelfAttention(out_channels, num_heads) if attention else nn.Identity() for _ in range(num_res_blocks))
-        self.down = Downsample(out_channels) if downsample else None
+        self.down = Downsample(out_channels, downsample_padding) if downsample else None
 
     def forward(self, h, temb):
         skips = []
@@ -223,10 +239,14 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): predicts the noise in x_t; t is a LongTensor [B] of steps."""
+    """eps_theta(x_t, t): predicts the noise in x_t; t is a LongTensor [B] of steps.
+
+    downsample_padding: 'same' (the paper's TF padding, the default) or
+    'symmetric' (what checkpoints written before the option had); see Downsample.
+    """
 
     def __init__(self, in_channels=3, channels=(64, 128, 256), num_res_blocks=2, time_emb_dim=128,
-                 attn_resolutions=(16, 8), num_heads=4, dropout=0.1, image_size=32):
+                 attn_resolutions=(16, 8), num_heads=4, dropout=0.1, image_size=32, downsample_padding='same'):
         super().__init__()
         channels, attn_resolutions = tuple(channels), tuple(attn_resolutions)
         levels = len(channels)
@@ -244,7 +264,8 @@ class UNet(nn.Module):
                              f'from those (or an empty list for no attention)')
         self.config = dict(in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
                            time_emb_dim=time_emb_dim, attn_resolutions=attn_resolutions,
-                           num_heads=num_heads, dropout=dropout, image_size=image_size)
+                           num_heads=num_heads, dropout=dropout, image_size=image_size,
+                           downsample_padding=downsample_padding)
         self.in_channels, self.image_size = in_channels, image_size
 
         self.time_embedding = SinusoidalTimeEmbedding(channels[0], time_emb_dim)
@@ -257,7 +278,8 @@ class UNet(nn.Module):
         for i, out_ch in enumerate(channels):
             last = i == levels - 1
             self.down.append(DownBlock(ch, out_ch, time_emb_dim, num_res_blocks, resolution in attn_resolutions,
-                                       num_heads, dropout, downsample=not last))
+                                       num_heads, dropout, downsample=not last,
+                                       downsample_padding=downsample_padding))
             skip_channels += [out_ch] * (num_res_blocks + (0 if last else 1))
             ch = out_ch
             resolution = resolution if last else resolution // 2

@@ -516,7 +516,8 @@ def test_from_checkpoint_rebuilds_from_config_and_prefers_ema(tmp_path):
     model = randomize(create_cifar10_ddpm(**TINY, **ddpm_kwargs), seed=0)
     ema = randomize(create_cifar10_ddpm(**TINY, **ddpm_kwargs), seed=1)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
-    config.update(ddpm_kwargs, arch='base', lr=1e-4, batch_size=8, num_epochs=3)
+    # downsample_padding as train.py records it (a config without it means the older symmetric padding)
+    config.update(ddpm_kwargs, arch='base', lr=1e-4, batch_size=8, num_epochs=3, downsample_padding='same')
     path = tmp_path / 'ddpm_latest.pth'
     torch.save({'model_state_dict': model.state_dict(), 'ema_state_dict': ema.state_dict(), 'config': config}, path)
 

@@ -16,12 +16,14 @@ ALLOWED = {
     'data.process_cifar': {'data.image_folder'},
     'samplers': set(),
     'diffusion': {'model.Blocks', 'samplers', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
-    'checkpoint': {'diffusion', 'runtime'},
+    'checkpoint': {'diffusion', 'runtime', 'diffusers_io'},   # diffusers_io: only inside load_checkpoint
+    'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
     'sample_store': {'data.image_folder', 'runtime'},
     'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'runtime'},
     'train': {'checkpoint', 'diffusion', 'runtime', 'samplers', 'train_util'},
     'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'runtime', 'sample_store', 'samplers'},
     'evaluate': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'runtime', 'sample', 'samplers'},
+    'convert': {'checkpoint', 'diffusers_io', 'runtime'},
 }
 OURS = set(ALLOWED) | {'data', 'model'}
 

@@ -189,6 +189,19 @@ def test_max_steps_stops_saves_latest_and_keeps_ema_separate(tmp_path, images16)
     assert_same_tensors(init, ema, 'from_checkpoint(ema=True) loads the EMA')
 
 
+def test_resuming_a_checkpoint_from_before_downsample_padding_keeps_its_symmetric_padding(tmp_path, images16):
+    """A config without downsample_padding was trained with the old padding; switching it mid-run would shift
+    every downsample by a pixel."""
+    _, ckpt_dir, _ = run(tmp_path, images16, max_steps=1)
+    path = os.path.join(ckpt_dir, 'ddpm_latest.pth')
+    ckpt = load(path)
+    assert ckpt['config'].pop('downsample_padding') == 'same'
+    torch.save(ckpt, path)
+    model, _, _ = run(tmp_path, images16, resume='latest', max_steps=2)
+    assert model.network.config['downsample_padding'] == 'symmetric'
+    assert load(path)['config']['downsample_padding'] == 'symmetric'
+
+
 # ----- the command line ----------------------------------------------------------------------
 
 def test_cli_and_kwargs_are_the_same_run(tmp_path, images16):
@@ -276,16 +289,23 @@ def state_checksum(state_dict):
 # bit for bit; a change that is meant to alter training (initialisation, seeding, the network)
 # updates these values in the same commit and says why. Changed once: the noise and dropout seeds
 # became hashes of (stream, seed, step, rank), so that the two streams cannot collide.
-PINNED_WEIGHTS = '7c73925a19dd8c1cb4460a0f4a5ad06caeb50b0357b24da4d85030a6bfa926c5'
-PINNED_EMA = 'a276f40d3a783aaf7433211a99e2c34a66c1d27bbc39fed405cb10cc463e4ed7'
+# Changed again when the downsampling padding became TF's 'SAME' (the paper's) by default;
+# 'symmetric', the padding before, still gives the earlier values bit for bit.
+PINNED = {
+    'same': ('d96038073374359b584a683ce2260e9d04679571d36120cbcb16971f0d09f566',
+             '48bc2bd4edcbb9f2a4d6aaa8485d8c28cde1e799cb05989b2023d40f71442280'),
+    'symmetric': ('7c73925a19dd8c1cb4460a0f4a5ad06caeb50b0357b24da4d85030a6bfa926c5',
+                  'a276f40d3a783aaf7433211a99e2c34a66c1d27bbc39fed405cb10cc463e4ed7'),
+}
 
 
-def test_seeded_tiny_run_ends_with_pinned_weights(tmp_path, images16):
-    _, ckpt_dir, _ = run(tmp_path, images16, num_epochs=2, amp='fp32')
+@pytest.mark.parametrize('padding', sorted(PINNED))
+def test_seeded_tiny_run_ends_with_pinned_weights(tmp_path, images16, padding):
+    _, ckpt_dir, _ = run(tmp_path, images16, num_epochs=2, amp='fp32',
+                         **({} if padding == 'same' else {'downsample_padding': padding}))
     ckpt = load(os.path.join(ckpt_dir, 'ddpm_latest.pth'))
     assert ckpt['step'] == 4
-    assert (state_checksum(ckpt['model_state_dict']), state_checksum(ckpt['ema_state_dict'])) == \
-        (PINNED_WEIGHTS, PINNED_EMA)
+    assert (state_checksum(ckpt['model_state_dict']), state_checksum(ckpt['ema_state_dict'])) == PINNED[padding]
 
 
 # ----- fp16 loss scaling -----------------------------------------------------------------------

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint import model_from_checkpoint
 from diffusion import DDPM, create_cifar10_ddpm
-from model.Blocks import Dropout, ResNetBlock, SelfAttention, SinusoidalTimeEmbedding, UNet
+from model.Blocks import Downsample, Dropout, ResNetBlock, SelfAttention, SinusoidalTimeEmbedding, UNet
 
 
 def count(module):
@@ -261,3 +262,39 @@ def test_attention_at_a_resolution_the_unet_never_reaches_is_an_error():
         create_cifar10_ddpm(channels=(32, 64), attn_resolutions=(64,))
     net = create_cifar10_ddpm(channels=(32, 64), attn_resolutions=()).network   # none, said explicitly
     assert sum(isinstance(m, SelfAttention) for m in net.modules()) == 1   # the middle block's own
+
+
+# ----- downsampling padding: the paper's TF 'SAME', and the old symmetric one ------------------
+
+@pytest.mark.parametrize('padding, first_row', [('same', 0), ('symmetric', -1)])
+def test_downsample_window_closed_form(padding, first_row):
+    """Output pixel (i, j) of the stride-2 3x3 conv sums input rows/columns first_row + 2i .. + 2 (zeros outside).
+
+    TF 'SAME' for an even size pads (3 - 2) = 1 pixel in total, all of it at the bottom/right, so the
+    window starts at 2i; one pixel on every side starts it at 2i - 1.
+    """
+    down = Downsample(1, padding)
+    with torch.no_grad():
+        down.conv.weight.fill_(1.0)
+        down.conv.bias.zero_()
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    padded = np.pad(x[0, 0].numpy(), 2)   # zeros around, so any window can be read off
+    expected = np.array([[padded[2 + first_row + 2 * i:5 + first_row + 2 * i,
+                                 2 + first_row + 2 * j:5 + first_row + 2 * j].sum() for j in range(4)]
+                         for i in range(4)])
+    np.testing.assert_allclose(down.double()(x)[0, 0].detach().numpy(), expected, rtol=1e-12)
+
+
+def test_new_models_pad_like_the_paper_and_old_checkpoint_configs_keep_symmetric_padding():
+    def paddings(model):
+        return {m.pad_bottom_right for m in model.modules() if isinstance(m, Downsample)}
+
+    model = create_cifar10_ddpm('tiny')
+    assert model.network.config['downsample_padding'] == 'same' and paddings(model) == {True}
+    state = model.state_dict()
+    old_config = {'arch': 'tiny'}   # written before the option existed: no downsample_padding key
+    for config, expected in ((old_config, {False}), ({**old_config, 'downsample_padding': 'same'}, {True}),
+                             ({**old_config, 'downsample_padding': 'symmetric'}, {False}), (None, {False})):
+        rebuilt = model_from_checkpoint({'model_state_dict': state, 'config': config}, **(
+            {'arch': 'tiny'} if config is None else {}))
+        assert paddings(rebuilt) == expected, config
