@@ -4,7 +4,7 @@
 schedule, the forward process q(x_t | x_0), the training objective L_simple, the
 reverse-process distribution p_theta(x_{t-1} | x_t) and the variational bound in
 bits/dim. The samplers that walk the reverse chain (the paper's Algorithm 2,
-DDIM) are in samplers.py. This module knows nothing of files, devices or
+DDIM, DPM-Solver++) are in samplers.py. This module knows nothing of files, devices or
 command lines: checkpoints are checkpoint.py's, run-time choices runtime.py's.
 
 Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
@@ -180,17 +180,17 @@ class DDPM(nn.Module):
 
     @torch.inference_mode()
     def sample_progressive(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None,
-                           progress=True, clip_denoised=True, x_T=None):
+                           progress=True, clip_denoised=None, x_T=None, spacing=None):
         """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
         See `sample` for the arguments; the samplers themselves are in samplers.py.
         """
         device = torch.device(device) if device is not None else self.betas.device
         yield from samplers.sample_loop(self, n, device, sampler, steps, eta, generator, progress, clip_denoised,
-                                        x_T)
+                                        x_T, spacing)
 
     def sample(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-               clip_denoised=True, x_T=None):
+               clip_denoised=None, x_T=None, spacing=None):
         """Draw n samples, shaped [n, C, H, W] with values in [-1, 1].
 
         Args:
@@ -198,14 +198,19 @@ class DDPM(nn.Module):
             device: where to run; defaults to where the model is. The model is
                 moved there if it is elsewhere.
             sampler: 'ddpm', the paper's ancestral sampler over all T steps
-                (Algorithm 2), or 'ddim' (Song et al. 2020) over `steps` steps.
-            steps: DDIM steps (default T); the 'ddpm' sampler always runs T.
+                (Algorithm 2); 'ddim' (Song et al. 2020) or 'dpm-solver'
+                (DPM-Solver++(2M), Lu et al. 2022) over `steps` steps.
+            steps: network evaluations of 'ddim' (default T) and 'dpm-solver'
+                (default samplers.DEFAULT_DPM_SOLVER_STEPS); 'ddpm' always runs T.
             eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's posterior noise.
             generator: a torch.Generator; the same seed gives the same samples.
             progress: show a tqdm progress bar over the steps.
             clip_denoised: clip the predicted x_0 to [-1, 1] at every step, as the
-                paper's sampler does.
+                paper's sampler does; None: on for 'ddpm' and 'ddim', off for 'dpm-solver'.
             x_T: start from this noise instead of drawing it.
+            spacing: which steps 'ddim' and 'dpm-solver' visit: 'uniform' or
+                'quadratic' in t, or 'logsnr' (uniform in log-SNR); None: 'uniform'
+                for 'ddim', 'logsnr' for 'dpm-solver' (samplers.spaced_timesteps).
         """
         device = torch.device(device) if device is not None else self.betas.device
         self.to(device)
@@ -213,7 +218,7 @@ class DDPM(nn.Module):
         self.eval()
         try:
             for _, x, _ in self.sample_progressive(n, device, sampler, steps, eta, generator, progress,
-                                                   clip_denoised, x_T):
+                                                   clip_denoised, x_T, spacing):
                 pass
         finally:
             self.train(was_training)

@@ -44,7 +44,7 @@ from data.process_cifar import to_model_range
 from runtime import (HelpFormatter, add_runtime_options, atomic_write, file_sha256, read_json, resolve_device, run_cli,
                      write_json)
 from sample import batch_seed, resolve_steps, sample_checkpoint
-from samplers import DEFAULT_DDIM_STEPS
+from samplers import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_spacing
 
 INCEPTION = 'inception-v3-compat'
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
@@ -397,8 +397,11 @@ def build_parser():
     s = p.add_argument_group('sampling (with --checkpoint --fid; see sample.py)')
     s.add_argument('--num_samples', type=int, default=PAPER_NUM_SAMPLES, help='the paper uses 50,000')
     s.add_argument('--batch_size', type=int, default=256, help='sampling batch size')
-    s.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm', help='see sample.py')
-    s.add_argument('--steps', type=int, default=None, help=f'DDIM steps (default {DEFAULT_DDIM_STEPS})')
+    s.add_argument('--sampler', choices=SAMPLERS, default='ddpm', help='see sample.py')
+    s.add_argument('--steps', type=int, default=None,
+                   help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
+                        f'for dpm-solver)')
+    s.add_argument('--spacing', choices=SPACINGS, default=None, help='see sample.py')
     s.add_argument('--eta', type=float, default=0.0, help='DDIM noise')
     s.add_argument('--seed', type=int, default=0, help='sampling seed; also seeds the noise of --bpd')
     s.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
@@ -439,8 +442,9 @@ def main(argv=None):
 
 def default_npz(args, steps, ema):
     stem = os.path.splitext(args.checkpoint)[0]
-    return (f'{stem}.samples-{"ema" if ema else "raw"}-{args.sampler}{steps}-eta{args.eta:g}-seed{args.seed}'
-            f'-{args.amp}.npz')
+    spacing = f'-{args.spacing}' if args.spacing else ''   # the default spacing keeps the older names
+    return (f'{stem}.samples-{"ema" if ema else "raw"}-{args.sampler}{steps}{spacing}-eta{args.eta:g}'
+            f'-seed{args.seed}-{args.amp}.npz')
 
 
 def run(args):
@@ -482,14 +486,15 @@ def run(args):
         if args.checkpoint:
             model, info = load_model(args.checkpoint, ema=args.ema, device='cpu')
             steps, model_ema = resolve_steps(model, args.sampler, args.steps), info['ema']
+            spacing = resolve_spacing(args.sampler, args.spacing, args.eta)
             del model
             npz = args.npz or default_npz(args, steps, model_ema)
             images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
                                        args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
-                                       amp=args.amp)
+                                       amp=args.amp, spacing=spacing)
             if images is None:   # not rank 0 under torchrun
                 return 0
-            options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'eta': args.eta,
+            options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing, 'eta': args.eta,
                        'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
                        'amp': args.amp}
         else:

@@ -36,7 +36,8 @@ from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the
 from sample_store import PartialRun, reuse_complete_npz, run_meta
 from runtime import (DEFAULT_AMP, Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256,
                      resolve_device, run_cli, write_json)
-from samplers import DEFAULT_DDIM_STEPS, timestep_sequence
+from samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_spacing,
+                      timestep_sequence)
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
@@ -58,16 +59,18 @@ def batch_counts(num_samples, batch_size):
 
 
 def resolve_steps(model, sampler, steps):
-    """The number of network evaluations: T for 'ddpm'; `steps` (default 50) for 'ddim'."""
-    if sampler not in ('ddpm', 'ddim'):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    """The number of network evaluations: T for 'ddpm'; `steps` (default DEFAULT_DDIM_STEPS for 'ddim',
+    DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver') otherwise."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f'sampler must be one of {SAMPLERS}, got {sampler!r}')
     if sampler == 'ddpm':
         if steps not in (None, model.timesteps):
             raise ValueError(f"the 'ddpm' sampler runs all {model.timesteps} steps of this checkpoint; for fewer "
-                             f"steps use --sampler ddim --steps {steps} (--eta 1 makes it stochastic)")
+                             f"steps use --sampler dpm-solver --steps {steps}, or --sampler ddim (--eta 1 makes "
+                             f"it stochastic)")
         return model.timesteps
     if steps is None:
-        steps = min(DEFAULT_DDIM_STEPS, model.timesteps)
+        steps = min(DEFAULT_DPM_SOLVER_STEPS if sampler == 'dpm-solver' else DEFAULT_DDIM_STEPS, model.timesteps)
     if not 1 <= steps <= model.timesteps:
         raise ValueError(f'--steps must be between 1 and the checkpoint\'s timesteps={model.timesteps}, got {steps}')
     return steps
@@ -77,7 +80,7 @@ def resolve_steps(model, sampler, steps):
 
 @torch.inference_mode()
 def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
-                 amp=DEFAULT_AMP):
+                 amp=DEFAULT_AMP, spacing=None):
     """Batch `index` of a run: `count` images as uint8 [count, H, W, C] (numpy, on the CPU).
 
     Its noise comes from a CPU generator seeded from (seed, index), so the batch
@@ -91,12 +94,13 @@ def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=
     dtype = amp_dtype(amp, device)
     with autocast(device, dtype):
         x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                         progress=progress)
+                         progress=progress, spacing=spacing)
     return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
-             parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None, amp=DEFAULT_AMP):
+             parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None, amp=DEFAULT_AMP,
+             spacing=None):
     """Sample `num_samples` images in batches; returns uint8 [N, H, W, C] on rank 0 (None on other ranks).
 
     parts_dir: a folder where every finished batch is saved at once, so that an
@@ -107,7 +111,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
     stats: a dict that receives 'sampled', the number of images this process drew.
     """
     counts = batch_counts(num_samples, batch_size)
-    steps = resolve_steps(model, sampler, steps)
+    steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
     world_size, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
     device = device if device is not None else next(model.parameters()).device
     model.to(device).eval()
@@ -146,7 +150,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
         bar = tqdm(todo, desc=f'sampling {num_samples} images ({sampler}, {steps} steps)', unit='batch')
     for i in bar:
         images = sample_batch(model, i, counts[i], sampler, steps, eta, seed, device,
-                              progress=progress and rank == 0 and len(todo) == 1, amp=amp)
+                              progress=progress and rank == 0 and len(todo) == 1, amp=amp, spacing=spacing)
         if out_dir:
             from PIL import Image
             start = i * batch_size
@@ -178,7 +182,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
 
 
 def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
-                      ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP):
+                      ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP, spacing=None):
     """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
 
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
@@ -188,9 +192,9 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
     device = dist.device
     try:
         model, info = load_model(checkpoint, ema=ema, device=device)
-        steps = resolve_steps(model, sampler, steps)
+        steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
         info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
-        meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp)
+        meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing)
 
         # An .npz finished earlier with the same options is reused (rank 0 decides for all ranks).
         reused = reuse_complete_npz(npz, meta, num_samples) if npz and not out_dir and dist.is_main else None
@@ -203,7 +207,7 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         start, stats = time.time(), {}
         images = generate(model, num_samples, batch_size, sampler, steps, eta, seed, device,
                           parts_dir=parts_dir, meta=meta, out_dir=out_dir, dist=dist, progress=progress, stats=stats,
-                          amp=amp)
+                          amp=amp, spacing=spacing)
         if images is None:
             return None
         seconds = time.time() - start
@@ -217,7 +221,7 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
             where = f' on rank 0 of {dist.world_size}' if dist.world_size > 1 else ''
             per_image = 1000 * seconds / stats['sampled']
             print(f'sampled {stats["sampled"]} images{where} in {seconds:.1f} s ({per_image:.1f} ms/image; '
-                  f'{sampler}, {steps} steps, {"EMA" if info["ema"] else "raw"} weights)', file=sys.stderr)
+                  f'{sampler}, {steps} steps{f", {spacing} spacing" if spacing else ""}, {"EMA" if info["ema"] else "raw"} weights)', file=sys.stderr)
         return images
     finally:
         dist.close()
@@ -237,27 +241,27 @@ def save_grid(images, path, nrow=None):
 
 @torch.inference_mode()
 def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, columns=TRAJECTORY_COLUMNS,
-               progress=True, amp=DEFAULT_AMP):
+               progress=True, amp=DEFAULT_AMP, spacing=None):
     """The denoising chain of n images: (ts, frames) with frames uint8 [n, columns, H, W, C].
 
     Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
     (the sample, in the paper's 1-based t); the noise comes from batch 0's
     generator, so the last column equals a --batch_size n run's first batch.
     """
-    steps = resolve_steps(model, sampler, steps)
+    steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
     generator = torch.Generator().manual_seed(batch_seed(seed, 0))
     x_T = torch.randn((n, *model.image_shape), generator=generator)
     T = model.timesteps
-    seq = timestep_sequence(T, sampler, steps)
+    seq = timestep_sequence(model, sampler, steps, spacing)
     # The state after the i-th step is x at the paper's t = (next step in seq) + 1, or t = 0 at the end.
     visited = [T] + [int(seq[i + 1]) + 1 if i + 1 < len(seq) else 0 for i in range(len(seq))]
     wanted = sorted({min(visited, key=lambda v: abs(v - target))
                      for target in np.linspace(T, 0, columns)}, reverse=True)
     frames = {T: x_T.to(device)} if T in wanted else {}
-    chain = model.sample_progressive(n, device, sampler, steps if sampler == 'ddim' else None, eta, generator,
-                                     progress, x_T=x_T)
+    chain = model.sample_progressive(n, device, sampler, steps if sampler != 'ddpm' else None, eta, generator,
+                                     progress, x_T=x_T, spacing=spacing)
     with autocast(device, amp_dtype(amp, device)):
         for i, (step, x, _) in enumerate(chain):
             t = visited[i + 1] if step >= 0 else 0
@@ -283,10 +287,15 @@ def build_parser():
     p.add_argument('--num_samples', type=int, default=64, help='number of images')
     p.add_argument('--batch_size', type=int, default=256,
                    help='images per batch; part of a run\'s identity (batch i is seeded from (seed, i))')
-    p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm',
-                   help='ddpm: the paper\'s ancestral sampler over all T steps; ddim: Song et al. 2020')
+    p.add_argument('--sampler', choices=SAMPLERS, default='ddpm',
+                   help='ddpm: the paper\'s ancestral sampler over all T steps; ddim: Song et al. 2020; '
+                        'dpm-solver: DPM-Solver++(2M), Lu et al. 2022 (fast; see README)')
     p.add_argument('--steps', type=int, default=None,
-                   help=f'DDIM steps (default {DEFAULT_DDIM_STEPS}); the ddpm sampler always runs all T')
+                   help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
+                        f'for dpm-solver); the ddpm sampler always runs all T')
+    p.add_argument('--spacing', choices=SPACINGS, default=None,
+                   help='which steps ddim and dpm-solver visit: uniform or quadratic in t, or logsnr (uniform in '
+                        'log-SNR); default: uniform for ddim, logsnr for dpm-solver')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
     p.add_argument('--seed', type=int, default=0, help='the same seed and options give the same images')
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
@@ -327,7 +336,7 @@ def run(args):
     if out or args.npz or args.out_dir:
         images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps,
                                    args.eta, args.seed, args.ema, device, args.npz, args.out_dir, progress,
-                                   amp=args.amp)
+                                   amp=args.amp, spacing=args.spacing)
         if images is None:   # not rank 0
             return 0
         if out:
@@ -340,7 +349,7 @@ def run(args):
         model, _ = load_model(args.checkpoint, ema=args.ema, device=device)
         n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
         ts, frames = trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,
-                                progress=progress, amp=args.amp)
+                                progress=progress, amp=args.amp, spacing=args.spacing)
         written.append(f'{save_trajectory(frames, args.trajectory)} (rows: {n} images; columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
     for line in written:

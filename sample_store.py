@@ -60,7 +60,8 @@ class PartialRun:
 
 
 # The options that change the images; a partial run is continued only when all of them match.
-IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'eta', 'seed', 'batch_size', 'amp', 'image_shape')
+IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'spacing', 'eta', 'seed', 'batch_size', 'amp',
+                 'image_shape')
 
 
 def meta_difference(old, new):
@@ -68,6 +69,8 @@ def meta_difference(old, new):
     if not isinstance(old, dict):
         return 'its meta.json is unreadable'
     diffs = []
+    if 'spacing' not in old:   # recorded since there is a choice: older runs were uniform DDIM or DDPM
+        old = {**old, 'spacing': 'uniform' if old.get('sampler') == 'ddim' else None}
     for key in IDENTITY_KEYS:
         if old.get(key) != new.get(key):
             if key == 'checkpoint_sha256':
@@ -78,7 +81,8 @@ def meta_difference(old, new):
     return '; '.join(diffs)
 
 
-def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp):
+def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=None):
+    """What the images depend on; `spacing` as the sampler resolved it (samplers.resolve_spacing)."""
     return {
         'format': META_FORMAT,
         'checkpoint': info.get('checkpoint'),
@@ -87,6 +91,7 @@ def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp):
         'ema': info.get('ema'),
         'sampler': sampler,
         'steps': int(steps),
+        'spacing': spacing,
         'eta': float(eta),
         'seed': int(seed),
         'batch_size': int(batch_size),

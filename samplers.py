@@ -1,18 +1,32 @@
 """The reverse process: one sampler per function, each read against its paper.
 
-    ddpm_step   Ho et al. 2020, Algorithm 2: ancestral sampling over all T steps
-    ddim_step   Song et al. 2020 (arXiv:2010.02502), Eq. (12): a sub-sequence tau of the steps
+    ddpm_step        Ho et al. 2020, Algorithm 2: ancestral sampling over all T steps
+    ddim_step        Song et al. 2020 (arXiv:2010.02502), Eq. (12): a sub-sequence tau of the steps
+    dpm_solver_step  Lu et al. 2022 (arXiv:2211.01095), Algorithm 2, DPM-Solver++(2M): a second-order
+                     multistep solver of the probability-flow ODE in its data-prediction form
 
 `sample_loop` runs a sampler from x_T ~ N(0, I) down to x_0 and yields every
 x_t on the way; `DDPM.sample` and `DDPM.sample_progressive` are its public
 entry points. Each function takes the DDPM first and uses only its schedule
 buffers and its noise predictor `model.network(x_t, t)`.
+
+The fast samplers visit `steps` integer steps (the network is discrete-time),
+chosen by `spaced_timesteps`: 'uniform' in t (DDIM's default), 'quadratic' in t
+(DDIM's Appendix D.2 sequence for CIFAR-10) or 'logsnr', uniform in
+lambda_t = log(sqrt(a-bar_t) / sqrt(1 - a-bar_t)) (DPM-Solver's default).
+`steps` is the number of network evaluations, exactly.
 """
+
+import math
 
 import torch
 
-SAMPLERS = ('ddpm', 'ddim')
+SAMPLERS = ('ddpm', 'ddim', 'dpm-solver')
+SPACINGS = ('uniform', 'quadratic', 'logsnr')
 DEFAULT_DDIM_STEPS = 100   # the DDIM steps of sample.py, evaluate.py and the training grids
+DEFAULT_DPM_SOLVER_STEPS = 20   # dpm-solver's steps when none are given
+DEFAULT_SPACING = {'ddim': 'uniform', 'dpm-solver': 'logsnr'}   # 'ddpm' visits every step
+CLIPS_BY_DEFAULT = {'ddpm': True, 'ddim': True, 'dpm-solver': False}   # x_0_pred clipped to [-1, 1]?
 
 
 def draw_noise(shape, generator, device):
@@ -22,23 +36,76 @@ def draw_noise(shape, generator, device):
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
-def ddim_timesteps(timesteps, steps):
-    """The DDIM sub-sequence tau: `steps` steps spread evenly over 0..T-1, both ends included.
+def half_log_snr(model):
+    """lambda_t = log(alpha_t / sigma_t) of every step, float64 on the CPU, alpha_t = sqrt(a-bar_t) and
+    sigma_t = sqrt(1 - a-bar_t) read from their own buffers (1 - a-bar_t loses digits near t = 0)."""
+    return model.sqrt_alphas_cumprod.double().cpu().log() - model.sqrt_one_minus_alphas_cumprod.double().cpu().log()
 
-    A single step is T-1 alone: the chain must start where x_T ~ N(0, I) holds.
-    """
-    if not 1 <= steps <= timesteps:
+
+def resolve_spacing(sampler, spacing, eta=0.0):
+    """The spacing `sampler` uses: `spacing`, or its default (DEFAULT_SPACING; None for 'ddpm', which visits
+    every step), after a one-line ValueError for a spacing or eta that does not apply to it."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f'sampler must be one of {SAMPLERS}, got {sampler!r}')
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f'spacing must be one of {SPACINGS}, got {spacing!r}')
+    if sampler == 'ddpm' and spacing is not None:
+        raise ValueError(f"the 'ddpm' sampler visits every step, so spacing={spacing!r} does not apply; "
+                         f"spacing is for 'ddim' and 'dpm-solver'")
+    if sampler == 'dpm-solver' and eta:
+        raise ValueError(f"eta={eta:g} is DDIM's noise; 'dpm-solver' solves the deterministic ODE (use eta=0)")
+    return spacing or DEFAULT_SPACING.get(sampler)
+
+
+def check_options(timesteps, sampler, steps, spacing=None, eta=0.0):
+    """Raise a one-line ValueError for an unknown sampler or spacing, or steps outside 1..T."""
+    resolve_spacing(sampler, spacing, eta)
+    if sampler == 'ddpm' and steps not in (None, timesteps):
+        raise ValueError(f"the 'ddpm' sampler runs all {timesteps} steps; for fewer steps use "
+                         f"sampler='dpm-solver' or 'ddim', steps={steps} (DDIM with eta=1.0 is stochastic)")
+    if steps is not None and not 1 <= steps <= timesteps:
         raise ValueError(f'steps must be between 1 and timesteps={timesteps}, got {steps}')
+
+
+def spaced_timesteps(timesteps, steps, spacing='uniform', log_snr=None):
+    """`steps` integer steps in 0..T-1, increasing and distinct, both ends included (one step: T-1 alone,
+    where x_T ~ N(0, I) holds).
+
+    The positions u_i (u_0 = 0, u_{S-1} = T-1) are uniform in t, quadratic in t (DDIM's tau_i = c i^2,
+    over the whole range rather than the 0.8 T of DDIM's released code, so the chain starts at T-1), or
+    uniform in lambda_t (`log_snr`, from `half_log_snr`). They are rounded to integers, and where rounding
+    makes two equal (the dense end of 'quadratic' and 'logsnr') later ones move up to the next free step.
+    Uniform spacing never collides, so it is exactly round(linspace(0, T-1, S)).
+    """
+    check_options(timesteps, 'ddim', steps, spacing)
     if steps == 1:
         return torch.tensor([timesteps - 1])
-    return torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long().unique()
+    grid = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing == 'uniform':   # (not grid * (T-1), whose rounding of the halves differs)
+        u = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64)
+    elif spacing == 'quadratic':
+        u = grid ** 2 * (timesteps - 1)
+    else:   # lambda_t falls with t: invert it by linear interpolation between the integer steps
+        target = log_snr[0] + grid * (log_snr[-1] - log_snr[0])
+        j = torch.searchsorted(-log_snr, -target).clamp(1, timesteps - 1)
+        u = j - 1 + (log_snr[j - 1] - target) / (log_snr[j - 1] - log_snr[j])
+    i = torch.arange(steps)
+    n = torch.minimum(torch.maximum(u.round().long(), i), i + timesteps - steps)   # room for the others
+    return torch.cummax(n - i, 0).values + i   # n_i - i non-decreasing <=> n strictly increasing
 
 
-def timestep_sequence(timesteps, sampler, steps):
-    """The steps a sampler visits, from T-1 down to 0, as a CPU LongTensor."""
+def ddim_timesteps(timesteps, steps):
+    """The DDIM sub-sequence tau: `steps` steps spread evenly over 0..T-1, both ends included."""
+    return spaced_timesteps(timesteps, steps, 'uniform')
+
+
+def timestep_sequence(model, sampler, steps, spacing=None):
+    """The steps a sampler visits, from T-1 down to 0, as a CPU LongTensor (spacing None: the sampler's)."""
     if sampler == 'ddpm':
-        return torch.arange(timesteps - 1, -1, -1)
-    return ddim_timesteps(timesteps, steps).flip(0)
+        return torch.arange(model.timesteps - 1, -1, -1)
+    spacing = spacing or DEFAULT_SPACING[sampler]
+    log_snr = half_log_snr(model) if spacing == 'logsnr' else None
+    return spaced_timesteps(model.timesteps, steps, spacing, log_snr).flip(0)
 
 
 def ddpm_step(model, x_t, t, step, generator, clip_denoised):
@@ -65,26 +132,68 @@ def ddim_step(model, x_t, t, step, prev, eta, generator, clip_denoised):
     return x_prev, x_0_pred
 
 
+def dpm_solver_coefficients(model, seq):
+    """The schedule of DPM-Solver++(2M) along `seq` (T-1 down to 0) as Python floats, one (c_x, c_d, w) per step.
+
+    Step i goes from s = seq[i] to t = seq[i + 1], or to a-bar = 1 (alpha = 1, sigma = 0, lambda = +inf)
+    after the last: x_t = c_x x_s + c_d D with c_x = sigma_t / sigma_s, c_d = -alpha_t (e^{-h} - 1),
+    h = lambda_t - lambda_s, and D = (1 + w) x_0_pred(s) - w x_0_pred(previous s), w = 1 / (2 r),
+    r = h_previous / h. w = 0 (first order, D = x_0_pred) at the first step, which has no previous
+    prediction, and at the last, where h is infinite; there the step is DDIM's last step, x_0 = x_0_pred.
+    """
+    lam = half_log_snr(model)[seq].tolist() + [math.inf]
+    alpha = model.sqrt_alphas_cumprod.double().cpu()[seq].tolist() + [1.0]
+    sigma = model.sqrt_one_minus_alphas_cumprod.double().cpu()[seq].tolist() + [0.0]
+    h = [lam[i + 1] - lam[i] for i in range(len(seq))]
+    coefs = []
+    for i in range(len(seq)):
+        last = i == len(seq) - 1
+        c_d = 1.0 if last else -alpha[i + 1] * math.expm1(-h[i])
+        w = 0.0 if i == 0 or last else h[i] / (2 * h[i - 1])
+        coefs.append((sigma[i + 1] / sigma[i], c_d, w))
+    return coefs
+
+
+def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised):
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, one step: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
+    with D = (1 + 1/(2r)) x_theta(x_s, s) - 1/(2r) x_theta(x_{s'}, s') from the previous step s' (see
+    dpm_solver_coefficients). x_theta is the data prediction x_0_pred, clipped to [-1, 1] only if asked."""
+    c_x, c_d, w = coef
+    eps = model.network(x_s, s).float()
+    x_0_pred = model.predict_x0_from_eps(x_s, s, eps)
+    if clip_denoised:
+        x_0_pred = x_0_pred.clamp(-1.0, 1.0)
+    d = (1.0 + w) * x_0_pred - w * x_0_prev if w else x_0_pred
+    return c_x * x_s + c_d * d, x_0_pred
+
+
 def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-                clip_denoised=True, x_T=None):
-    """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f'sampler must be one of {SAMPLERS}, got {sampler!r}')
-    if sampler == 'ddpm' and steps not in (None, model.timesteps):
-        raise ValueError(f"the 'ddpm' sampler runs all {model.timesteps} steps; for fewer steps use "
-                         f"sampler='ddim', steps={steps} (eta=1.0 makes it stochastic)")
+                clip_denoised=None, x_T=None, spacing=None):
+    """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
+
+    steps None: all T for 'ddpm' and 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver'; spacing None and
+    clip_denoised None: the sampler's defaults (DEFAULT_SPACING, CLIPS_BY_DEFAULT).
+    """
+    check_options(model.timesteps, sampler, steps, spacing, eta)
+    if clip_denoised is None:
+        clip_denoised = CLIPS_BY_DEFAULT[sampler]
+    steps = steps or (DEFAULT_DPM_SOLVER_STEPS if sampler == 'dpm-solver' else model.timesteps)
     x = x_T.to(device) if x_T is not None else draw_noise((n, *model.image_shape), generator, device)
-    seq = timestep_sequence(model.timesteps, sampler, steps or model.timesteps).tolist()
+    seq = timestep_sequence(model, sampler, steps, spacing).tolist()
+    coefs = dpm_solver_coefficients(model, seq) if sampler == 'dpm-solver' else None   # before the loop: no syncs in it
     bar = seq
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(seq, desc=f'sampling ({sampler}, {len(seq)} steps)', leave=False)
+    x_0_pred = None
     for i, step in enumerate(bar):
         t = torch.full((n,), step, device=device, dtype=torch.long)
         if sampler == 'ddpm':
             x, x_0_pred = ddpm_step(model, x, t, step, generator, clip_denoised)
-        else:
+        elif sampler == 'ddim':
             prev = seq[i + 1] if i + 1 < len(seq) else -1
             x, x_0_pred = ddim_step(model, x, t, step, prev, eta, generator, clip_denoised)
+        else:
+            x, x_0_pred = dpm_solver_step(model, x, t, x_0_pred, coefs[i], clip_denoised)
         yield step, x, x_0_pred
     yield -1, x.clamp(-1.0, 1.0), x_0_pred

@@ -55,8 +55,8 @@ def train_ddpm(
     save_every: int = 10,             # epochs between numbered checkpoints
     sample_every: int = 20,           # epochs between sample grids (also written at the end)
     num_samples: int = 64,            # images in each sample grid
-    sample_sampler: str = 'ddim',     # sampler for the grids: 'ddim' (fast) or 'ddpm' (the paper's 1000 steps)
-    sample_steps: int = DEFAULT_DDIM_STEPS,  # DDIM steps for the grids
+    sample_sampler: str = 'ddim',     # sampler for the grids: 'ddim', 'dpm-solver' (fast) or 'ddpm' (the paper's T)
+    sample_steps: int = DEFAULT_DDIM_STEPS,  # network evaluations of a ddim / dpm-solver grid
     ema_decay: float = 0.9999,        # EMA of the weights (the paper's value); used for grids and sampling
     warmup_steps: int = 5000,         # linear learning-rate warmup (the paper's value)
     grad_clip: float = 1.0,           # max gradient norm (the paper's value); 0 disables clipping
@@ -112,7 +112,7 @@ def validate_config(c):
             raise ValueError(f'{key} must be a positive integer, got {c[key]!r}')
     if not (c['lr'] > 0 and math.isfinite(c['lr'])):  # lr=inf would turn the first update into NaN weights
         raise ValueError(f'lr must be positive and finite, got {c["lr"]!r}')
-    if c['sample_sampler'] == 'ddim' and c['sample_steps'] > c['timesteps']:  # else it fails at the first grid
+    if c['sample_sampler'] != 'ddpm' and c['sample_steps'] > c['timesteps']:  # else it fails at the first grid
         raise ValueError(f'sample_steps={c["sample_steps"]} must not exceed timesteps={c["timesteps"]}')
     if c['max_steps'] is not None and c['max_steps'] < 1:
         raise ValueError(f'max_steps must be a positive integer or None, got {c["max_steps"]!r}')

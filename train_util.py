@@ -415,7 +415,7 @@ class TrainLoop:
         g = torch.Generator().manual_seed(c['seed'])
         with autocast(self.device, self.autocast_dtype):
             x = self.ema_model.sample(c['num_samples'], device=self.device, sampler=c['sample_sampler'],
-                                      steps=c['sample_steps'] if c['sample_sampler'] == 'ddim' else None,
+                                      steps=c['sample_steps'] if c['sample_sampler'] != 'ddpm' else None,
                                       generator=g, progress=True)
         grid = torchvision.utils.make_grid((x.float() + 1) / 2, nrow=int(math.ceil(math.sqrt(len(x)))))
         path = os.path.join(self.run_dir, 'samples', f'epoch_{epoch:04d}.png')
