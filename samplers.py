@@ -73,9 +73,9 @@ def spaced_timesteps(timesteps, steps, spacing='uniform', log_snr=None):
 
     The positions u_i (u_0 = 0, u_{S-1} = T-1) are uniform in t, quadratic in t (DDIM's tau_i = c i^2,
     over the whole range rather than the 0.8 T of DDIM's released code, so the chain starts at T-1), or
-    uniform in lambda_t (`log_snr`, from `half_log_snr`). They are rounded to integers, and where rounding
-    makes two equal (the dense end of 'quadratic' and 'logsnr') later ones move up to the next free step.
-    Uniform spacing never collides, so it is exactly round(linspace(0, T-1, S)).
+    uniform in lambda_t (`log_snr`, from `half_log_snr`), then rounded by `distinct_steps` (the crowded
+    small-t end of 'quadratic' and 'logsnr' becomes 0, 1, 2, ...). Uniform spacing never collides, so it is
+    exactly round(linspace(0, T-1, S)).
     """
     check_options(timesteps, 'ddim', steps, spacing)
     if steps == 1:
@@ -89,8 +89,14 @@ def spaced_timesteps(timesteps, steps, spacing='uniform', log_snr=None):
         target = log_snr[0] + grid * (log_snr[-1] - log_snr[0])
         j = torch.searchsorted(-log_snr, -target).clamp(1, timesteps - 1)
         u = j - 1 + (log_snr[j - 1] - target) / (log_snr[j - 1] - log_snr[j])
-    i = torch.arange(steps)
-    n = torch.minimum(torch.maximum(u.round().long(), i), i + timesteps - steps)   # room for the others
+    return distinct_steps(u, timesteps)
+
+
+def distinct_steps(u, timesteps):
+    """Round increasing positions u in [0, T-1] to distinct increasing integer steps: each to the nearest
+    step, kept within reach of both ends, then moved up past the one before it where they collide."""
+    i = torch.arange(len(u))
+    n = torch.minimum(torch.maximum(u.round().long(), i), i + timesteps - len(u))   # room for the others
     return torch.cummax(n - i, 0).values + i   # n_i - i non-decreasing <=> n strictly increasing
 
 

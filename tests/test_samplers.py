@@ -85,13 +85,36 @@ def test_dpm_solver_is_10x_closer_to_the_exact_ode_than_ddim(steps):
 
 
 def test_both_samplers_converge_to_the_exact_ode_endpoint():
-    """The reference is the point both solvers converge to: at 50 and 200 NFE DPM-Solver's error is
-    below 3e-3 and 1.5e-3, and DDIM (first order) halves its error when its steps double."""
+    """The reference is the point both solvers converge to, at each one's order: DPM-Solver's error is below
+    3e-3 and 1.5e-3 at 50 and 200 NFE and falls 4x from 50 to 100 NFE on the quadratic steps, whose uneven
+    lambda steps exercise its step ratio r (second order; measured 7.1e-3 -> 1.7e-3); DDIM (first order)
+    halves its error when its steps double."""
     model, net = gaussian_model()
     assert ode_error(model, net, 'dpm-solver', 50) < 3e-3
     assert ode_error(model, net, 'dpm-solver', 200) < 1.5e-3
+    q50, q100 = (ode_error(model, net, 'dpm-solver', n, 'quadratic') for n in (50, 100))
+    assert q50 / q100 == pytest.approx(4.0, rel=0.2)
     ddim_100, ddim_200 = ode_error(model, net, 'ddim', 100), ode_error(model, net, 'ddim', 200)
     assert ddim_200 < 0.1 and ddim_100 / ddim_200 == pytest.approx(2.0, rel=0.1)
+
+
+def test_dpm_solver_coefficients_are_algorithm_2s():
+    """Lu et al. 2022, Algorithm 2, from the test's float64 schedule: step s -> t has h = lambda_t - lambda_s,
+    x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D, D = (1 + 1/(2r)) x_theta(s) - 1/(2r) x_theta(s')
+    with r = h_previous / h; first order (1/(2r) = 0) at the first step and at the last, into a-bar = 1."""
+    _, _, abar, _ = np_schedule()
+    model = DDPM(Recorder(), timesteps=T, image_shape=(1, 2, 2))
+    seq = [999, 700, 400, 150, 40, 5, 0]
+    alpha, sigma = np.sqrt(abar[seq]), np.sqrt(1 - abar[seq])
+    lam = np.log(alpha / sigma)
+    coefs = samplers.dpm_solver_coefficients(model, seq)
+    assert len(coefs) == len(seq)
+    for i, (c_x, c_d, w) in enumerate(coefs[:-1]):
+        h = lam[i + 1] - lam[i]
+        assert c_x == pytest.approx(sigma[i + 1] / sigma[i], rel=1e-5)
+        assert c_d == pytest.approx(alpha[i + 1] * (1 - np.exp(-h)), rel=1e-5)
+        assert w == (0.0 if i == 0 else pytest.approx(1 / (2 * ((lam[i] - lam[i - 1]) / h)), rel=1e-5))
+    assert coefs[-1] == (0.0, 1.0, 0.0)   # x_0 = x_theta(x_{t=0}, 0), DDIM's last step
 
 
 def test_first_order_dpm_solver_is_ddim():
@@ -158,6 +181,15 @@ def test_spaced_timesteps_are_distinct_integers_from_0_to_T_minus_1(spacing):
         assert len(seq) == steps and seq[-1] == T - 1, steps
         assert all(a < b for a, b in zip(seq, seq[1:])), steps
         assert steps == 1 or seq[0] == 0
+
+
+def test_distinct_steps_resolves_collisions_anywhere():
+    """Positions that round to the same step (here in the middle and at the top) become consecutive steps,
+    and the rounding elsewhere is untouched."""
+    u = torch.tensor([0.0, 3.2, 5.1, 5.2, 5.3, 7.9, 8.7, 8.8, 9.0], dtype=torch.float64)
+    assert samplers.distinct_steps(u, 10).tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]   # 9 of 10: room decides
+    assert samplers.distinct_steps(u, 12).tolist() == [0, 3, 5, 6, 7, 8, 9, 10, 11]
+    assert samplers.distinct_steps(u[[0, 1, 2, 3, 4, 8]], 10).tolist() == [0, 3, 5, 6, 7, 9]
 
 
 def test_quadratic_spacing_is_ddims_quadratic_sequence():
