@@ -220,3 +220,24 @@ def test_torchrun_two_processes_give_the_one_process_images(ckpt, tmp_path):
     with np.load(npz) as data:
         assert np.array_equal(data['arr_0'], single)
     assert not os.path.exists(f'{npz}.parts')
+
+
+def test_dpm_solver_runs_record_their_spacing_and_refuse_to_mix(ckpt, tmp_path, capsys):
+    """sample.py --sampler dpm-solver --steps K writes its sampler, steps and spacing into the run's metadata;
+    a partial run is continued only with the same spacing; runs recorded before spacing existed were
+    uniform DDIM; --steps 0, steps above T and DDIM noise for dpm-solver are one-line errors."""
+    from sample_store import meta_difference
+    npz = tmp_path / 'dpm.npz'
+    args = ['--checkpoint', ckpt, '--num_samples', '4', '--batch_size', '2', '--sampler', 'dpm-solver',
+            '--steps', '3', '--npz', str(npz)]
+    assert run_main(args)[0] == 0
+    meta = json.loads((tmp_path / 'dpm.npz.json').read_text())
+    assert (meta['sampler'], meta['steps'], meta['spacing']) == ('dpm-solver', 3, 'logsnr')
+    other = {**meta, 'spacing': 'quadratic'}
+    assert "spacing: 'logsnr' then, 'quadratic' now" in meta_difference(meta, other)
+    old_ddim = {k: v for k, v in {**meta, 'sampler': 'ddim'}.items() if k != 'spacing'}
+    assert meta_difference(old_ddim, {**meta, 'sampler': 'ddim', 'spacing': 'uniform'}) == ''
+    assert meta_difference(old_ddim, {**meta, 'sampler': 'ddim', 'spacing': 'quadratic'}) != ''
+    for bad in (['--steps', '0'], ['--steps', str(TIMESTEPS + 1)], ['--eta', '1']):
+        code, out = run_main([*args[:-2], *bad, '--quiet'], capsys)
+        assert code == 2 and out.err.startswith('error: ') and len(out.err.strip().splitlines()) == 1, bad
