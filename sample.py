@@ -220,8 +220,9 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         if progress and stats['sampled']:
             where = f' on rank 0 of {dist.world_size}' if dist.world_size > 1 else ''
             per_image = 1000 * seconds / stats['sampled']
+            spaced = f', {spacing} spacing' if spacing else ''
             print(f'sampled {stats["sampled"]} images{where} in {seconds:.1f} s ({per_image:.1f} ms/image; '
-                  f'{sampler}, {steps} steps{f", {spacing} spacing" if spacing else ""}, {"EMA" if info["ema"] else "raw"} weights)', file=sys.stderr)
+                  f'{sampler}, {steps} steps{spaced}, {"EMA" if info["ema"] else "raw"} weights)', file=sys.stderr)
         return images
     finally:
         dist.close()

@@ -240,7 +240,8 @@ def test_no_host_sync_in_the_sampling_loop(monkeypatch):
         next(chain)
         with monkeypatch.context() as m:
             for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
-                m.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f'{sampler}: Tensor.{name} in the loop'))
+                m.setattr(torch.Tensor, name,
+                          lambda *a, name=name: pytest.fail(f'{sampler}: Tensor.{name} in the loop'))
             steps = [step for step, _, _ in chain]
         assert steps[-1] == -1 and len(steps) == 10
 
