@@ -4,7 +4,9 @@
 schedule, the forward process q(x_t | x_0), the training objective L_simple, the
 reverse-process distribution p_theta(x_{t-1} | x_t) and the variational bound in
 bits/dim. The samplers that walk the reverse chain (the paper's Algorithm 2,
-DDIM, DPM-Solver++) are in samplers.py. This module knows nothing of files, devices or
+DDIM, DPM-Solver++) are in samplers.py. A class-conditional network
+(`UNet(num_classes=...)`) adds classifier-free guidance (Ho & Salimans 2022,
+arXiv:2207.12598) at the one place the samplers get eps from: `predict_eps`. This module knows nothing of files, devices or
 command lines: checkpoints are checkpoint.py's, run-time choices runtime.py's.
 
 Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
@@ -139,30 +141,76 @@ class DDPM(nn.Module):
 
     # ----- training -------------------------------------------------------------------------
 
-    def loss(self, x_0, t=None, noise=None):
-        """L_simple, Eq. (14): E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 with t uniform (Algorithm 1)."""
+    def loss(self, x_0, t=None, noise=None, labels=None):
+        """L_simple, Eq. (14): E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 with t uniform (Algorithm 1).
+
+        labels: class labels of a class-conditional network, the null class where a
+        label was dropped (classifier-free guidance's joint training, Algorithm 1 of
+        Ho & Salimans); None for an unconditional one.
+        """
         if t is None:
             t = torch.randint(0, self.timesteps, (x_0.shape[0],), device=x_0.device)
         if noise is None:
             noise = torch.randn_like(x_0)
-        eps_pred = self.network(self.q_sample(x_0, t, noise), t)
+        x_t = self.q_sample(x_0, t, noise)
+        eps_pred = self.network(x_t, t) if labels is None else self.network(x_t, t, labels)
         return F.mse_loss(eps_pred.float(), noise)
 
-    def forward(self, x_0, t=None, noise=None):
+    def forward(self, x_0, t=None, noise=None, labels=None):
         """The training loss, so that `model(x_0)` runs through DDP / torch.compile wrappers."""
-        return self.loss(x_0, t, noise)
+        return self.loss(x_0, t, noise, labels)
 
     # ----- reverse process ------------------------------------------------------------------
 
-    def p_mean_variance(self, x_t, t, clip_denoised=True):
+    @property
+    def num_classes(self):
+        """The classes of a class-conditional network; None when it is unconditional."""
+        return getattr(self.network, 'num_classes', None)
+
+    def class_labels(self, labels, n, device):
+        """`labels` (None, one int, or n ints in 0..num_classes-1) as a LongTensor [n] on `device`, or None."""
+        if labels is None:
+            return None
+        if self.num_classes is None:
+            raise ValueError('this model is unconditional (trained without class_cond), so it takes no class '
+                             'labels; drop labels / --class_label')
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1).expand(n)
+        if labels.shape[0] != n or not bool(((labels >= 0) & (labels < self.num_classes)).all()):
+            raise ValueError(f'need {n} class labels in 0..{self.num_classes - 1} (or one for all), got '
+                             f'{labels.tolist()[:8]}')
+        return labels
+
+    def predict_eps(self, x_t, t, labels=None, guidance_scale=0.0):
+        """The noise prediction every sampler uses, in float32.
+
+        labels None: eps_theta(x_t, t), which for a class-conditional network is its
+        null class, i.e. the unconditional model. With labels c and guidance scale w,
+        classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+            eps~ = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null),
+        both terms from ONE network call on the 2n-image batch [x_t; x_t]; w = 0 is the
+        conditional model alone (one call on n images).
+        """
+        if labels is None:
+            if guidance_scale:
+                raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
+            return self.network(x_t, t).float()
+        if not guidance_scale:
+            return self.network(x_t, t, labels).float()
+        null = torch.full_like(labels, self.network.null_class)
+        eps_cond, eps_uncond = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                            torch.cat([labels, null])).float().chunk(2)
+        return (1.0 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
+
+    def p_mean_variance(self, x_t, t, clip_denoised=True, labels=None, guidance_scale=0.0):
         """p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), with mu_theta from Eq. (11).
 
         mu_theta is written as the posterior mean mu-tilde_t(x_t, x_0_pred), which
         equals Eq. (11) exactly; clipping x_0_pred to [-1, 1] (as the paper's
         released sampler does) is applied before it is used.
+        labels and guidance_scale: see `predict_eps`.
         Returns (mean, variance, log_variance, x_0_pred).
         """
-        eps_pred = self.network(x_t, t).float()
+        eps_pred = self.predict_eps(x_t, t, labels, guidance_scale)
         x_0_pred = self.predict_x0_from_eps(x_t, t, eps_pred)
         if clip_denoised:
             x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -180,17 +228,19 @@ class DDPM(nn.Module):
 
     @torch.inference_mode()
     def sample_progressive(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None,
-                           progress=True, clip_denoised=None, x_T=None, spacing=None):
+                           progress=True, clip_denoised=None, x_T=None, spacing=None, labels=None,
+                           guidance_scale=0.0):
         """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
         See `sample` for the arguments; the samplers themselves are in samplers.py.
         """
         device = torch.device(device) if device is not None else self.betas.device
+        labels = self.class_labels(labels, n, device)
         yield from samplers.sample_loop(self, n, device, sampler, steps, eta, generator, progress, clip_denoised,
-                                        x_T, spacing)
+                                        x_T, spacing, labels, guidance_scale)
 
     def sample(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-               clip_denoised=None, x_T=None, spacing=None):
+               clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0):
         """Draw n samples, shaped [n, C, H, W] with values in [-1, 1].
 
         Args:
@@ -211,6 +261,10 @@ class DDPM(nn.Module):
             spacing: which steps 'ddim' and 'dpm-solver' visit: 'uniform' or
                 'quadratic' in t, or 'logsnr' (uniform in log-SNR); None: 'uniform'
                 for 'ddim', 'logsnr' for 'dpm-solver' (samplers.spaced_timesteps).
+            labels: for a class-conditional model, the class of every sample (one int
+                for all, or n); None samples unconditionally (the null class).
+            guidance_scale: w of classifier-free guidance, eps~ = (1 + w) eps(c) - w eps(null);
+                0 is the conditional model alone (see `predict_eps`).
         """
         device = torch.device(device) if device is not None else self.betas.device
         self.to(device)
@@ -218,7 +272,7 @@ class DDPM(nn.Module):
         self.eval()
         try:
             for _, x, _ in self.sample_progressive(n, device, sampler, steps, eta, generator, progress,
-                                                   clip_denoised, x_T, spacing):
+                                                   clip_denoised, x_T, spacing, labels, guidance_scale):
                 pass
         finally:
             self.train(was_training)

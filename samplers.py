@@ -8,7 +8,9 @@
 `sample_loop` runs a sampler from x_T ~ N(0, I) down to x_0 and yields every
 x_t on the way; `DDPM.sample` and `DDPM.sample_progressive` are its public
 entry points. Each function takes the DDPM first and uses only its schedule
-buffers and its noise predictor `model.network(x_t, t)`.
+buffers and its noise predictor `model.predict_eps(x_t, t, **cond)`, where `cond`
+holds the class labels and guidance scale of a class-conditional model (empty
+for an unconditional one), so guidance reaches every sampler through one place.
 
 The fast samplers visit `steps` integer steps (the network is discrete-time),
 chosen by `spaced_timesteps`: 'uniform' in t (DDIM's default), 'quadratic' in t
@@ -114,17 +116,17 @@ def timestep_sequence(model, sampler, steps, spacing=None):
     return spaced_timesteps(model.timesteps, steps, spacing, log_snr).flip(0)
 
 
-def ddpm_step(model, x_t, t, step, generator, clip_denoised):
+def ddpm_step(model, x_t, t, step, generator, clip_denoised, cond=None):
     """Algorithm 2, one step: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
-    mean, _, log_var, x_0_pred = model.p_mean_variance(x_t, t, clip_denoised)
+    mean, _, log_var, x_0_pred = model.p_mean_variance(x_t, t, clip_denoised, **(cond or {}))
     if step == 0:
         return mean, x_0_pred
     return mean + torch.exp(0.5 * log_var) * draw_noise(x_t.shape, generator, x_t.device), x_0_pred
 
 
-def ddim_step(model, x_t, t, step, prev, eta, generator, clip_denoised):
+def ddim_step(model, x_t, t, step, prev, eta, generator, clip_denoised, cond=None):
     """DDIM, Eq. (12) of Song et al.: step from t to prev (prev = -1 means a-bar = 1, i.e. x_0)."""
-    eps = model.network(x_t, t).float()
+    eps = model.predict_eps(x_t, t, **(cond or {}))
     x_0_pred = model.predict_x0_from_eps(x_t, t, eps)
     if clip_denoised:
         x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -160,12 +162,12 @@ def dpm_solver_coefficients(model, seq):
     return coefs
 
 
-def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised):
+def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised, cond=None):
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, one step: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
     with D = (1 + 1/(2r)) x_theta(x_s, s) - 1/(2r) x_theta(x_{s'}, s') from the previous step s' (see
     dpm_solver_coefficients). x_theta is the data prediction x_0_pred, clipped to [-1, 1] only if asked."""
     c_x, c_d, w = coef
-    eps = model.network(x_s, s).float()
+    eps = model.predict_eps(x_s, s, **(cond or {}))
     x_0_pred = model.predict_x0_from_eps(x_s, s, eps)
     if clip_denoised:
         x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -174,11 +176,12 @@ def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised):
 
 
 def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-                clip_denoised=None, x_T=None, spacing=None):
+                clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0):
     """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
     steps None: all T for 'ddpm' and 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver'; spacing None and
-    clip_denoised None: the sampler's defaults (DEFAULT_SPACING, CLIPS_BY_DEFAULT).
+    clip_denoised None: the sampler's defaults (DEFAULT_SPACING, CLIPS_BY_DEFAULT). labels (a LongTensor
+    [n] or None) and guidance_scale: classifier-free guidance, see DDPM.predict_eps.
     """
     check_options(model.timesteps, sampler, steps, spacing, eta)
     if clip_denoised is None:
@@ -191,15 +194,18 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(seq, desc=f'sampling ({sampler}, {len(seq)} steps)', leave=False)
+    cond = {} if labels is None else {'labels': labels, 'guidance_scale': guidance_scale}
+    if labels is None and guidance_scale:
+        raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
     x_0_pred = None
     for i, step in enumerate(bar):
         t = torch.full((n,), step, device=device, dtype=torch.long)
         if sampler == 'ddpm':
-            x, x_0_pred = ddpm_step(model, x, t, step, generator, clip_denoised)
+            x, x_0_pred = ddpm_step(model, x, t, step, generator, clip_denoised, cond)
         elif sampler == 'ddim':
             prev = seq[i + 1] if i + 1 < len(seq) else -1
-            x, x_0_pred = ddim_step(model, x, t, step, prev, eta, generator, clip_denoised)
+            x, x_0_pred = ddim_step(model, x, t, step, prev, eta, generator, clip_denoised, cond)
         else:
-            x, x_0_pred = dpm_solver_step(model, x, t, x_0_pred, coefs[i], clip_denoised)
+            x, x_0_pred = dpm_solver_step(model, x, t, x_0_pred, coefs[i], clip_denoised, cond)
         yield step, x, x_0_pred
     yield -1, x.clamp(-1.0, 1.0), x_0_pred
