@@ -233,9 +233,12 @@ def read_image_folder(folder):
     return np.stack(images)
 
 
-def save_npz(path, images):
-    """uint8 [N, H, W, C] as arr_0 of an .npz: the layout FID tools (e.g. guided-diffusion's evaluator) read."""
-    return atomic_write(path, lambda f: np.savez(f, images))
+def save_npz(path, images, labels=None):
+    """uint8 [N, H, W, C] as arr_0 of an .npz: the layout FID tools (e.g. guided-diffusion's evaluator) read;
+    class labels, when given, as a second array 'labels' (int64 [N]) that such tools ignore."""
+    if labels is None:
+        return atomic_write(path, lambda f: np.savez(f, images))
+    return atomic_write(path, lambda f: np.savez(f, images, labels=np.asarray(labels, dtype=np.int64)))
 
 
 def read_npz_images(path):
