@@ -115,18 +115,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
     world_size, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
     device = device if device is not None else next(model.parameters()).device
     model.to(device).eval()
-    store = PartialRun(parts_dir) if parts_dir else None
-
-    if store is not None:
-        error = None
-        if rank == 0:
-            try:
-                store.check_or_start(meta)
-            except ValueError as e:
-                error = str(e)
-        error = dist.broadcast(error) if dist is not None else error
-        if error:
-            raise ValueError(error)
+    store = open_parts(parts_dir, meta, dist, rank) if parts_dir else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
 
@@ -152,17 +141,39 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
         images = sample_batch(model, i, counts[i], sampler, steps, eta, seed, device,
                               progress=progress and rank == 0 and len(todo) == 1, amp=amp, spacing=spacing)
         if out_dir:
-            from PIL import Image
-            start = i * batch_size
-            for j, image in enumerate(images):
-                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
-                    os.path.join(out_dir, f'{start + j:06d}.png'))
+            save_pngs(images, out_dir, first_index=i * batch_size)
         if store is not None:
             store.save(i, images)
         if store is None or rank == 0:
             done[i] = images
+    return assemble(done, counts, store, dist, rank)
 
-    if dist is not None and world_size > 1:
+
+def open_parts(parts_dir, meta, dist, rank):
+    """The PartialRun of parts_dir, started or checked against `meta` by rank 0; its verdict is every rank's."""
+    store, error = PartialRun(parts_dir), None
+    if rank == 0:
+        try:
+            store.check_or_start(meta)
+        except ValueError as e:
+            error = str(e)
+    error = dist.broadcast(error) if dist is not None else error
+    if error:
+        raise ValueError(error)
+    return store
+
+
+def save_pngs(images, out_dir, first_index):
+    """uint8 [N, H, W, C] as out_dir/NNNNNN.png, numbered from first_index."""
+    from PIL import Image
+    for j, image in enumerate(images):
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+            os.path.join(out_dir, f'{first_index + j:06d}.png'))
+
+
+def assemble(done, counts, store, dist, rank):
+    """All batches in order on rank 0 (None elsewhere): gathered from the ranks, or read from the parts."""
+    if dist is not None and dist.world_size > 1:
         if store is None:   # nothing on disk: send the images to rank 0
             gathered = dist.gather(done)
             done = {i: images for part in gathered for i, images in part.items()} if rank == 0 else done
