@@ -4,7 +4,12 @@
 schedule, the forward process q(x_t | x_0), the training objective L_simple, the
 reverse-process distribution p_theta(x_{t-1} | x_t) and the variational bound in
 bits/dim. The samplers that walk the reverse chain (the paper's Algorithm 2,
-DDIM, DPM-Solver++) are in samplers.py. This module knows nothing of files, devices or
+DDIM, DPM-Solver++) are in samplers.py.
+
+Options from Improved DDPM (Nichol & Dhariwal 2021, arXiv:2102.09672), each off
+by default: the cosine schedule (`beta_schedule='cosine'`, their Eq. 17), learned
+reverse variances (`learn_sigma=True`, Eq. 15) and the hybrid / VLB objectives
+(`loss='hybrid'|'vlb'`, Eq. 16 and section 3.1). This module knows nothing of files, devices or
 command lines: checkpoints are checkpoint.py's, run-time choices runtime.py's.
 
 Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
@@ -57,58 +62,107 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
+BETA_SCHEDULES = ('linear', 'cosine')
+LOSSES = ('simple', 'hybrid', 'vlb')
+HYBRID_LAMBDA = 0.001   # lambda of L_hybrid = L_simple + lambda L_vlb (iDDPM Eq. 16)
+COSINE_S = 0.008        # the offset s of iDDPM Eq. 17 (keeps beta_1 from being tiny)
+MAX_BETA = 0.999        # iDDPM clips the cosine schedule's betas here: beta_T would be 1
+
+
+def make_betas(beta_schedule, timesteps, beta_start=1e-4, beta_end=0.02):
+    """The betas of a named schedule, float64 [T].
+
+    'linear': Ho et al.'s beta_start..beta_end. 'cosine': iDDPM Eq. 17,
+    a-bar_t = f(t) / f(0) with f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), so
+    beta_t = 1 - a-bar_t / a-bar_{t-1}, clipped at 0.999 (beta_start/beta_end unused).
+    """
+    if beta_schedule == 'linear':
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if beta_schedule == 'cosine':
+        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + COSINE_S) / (1 + COSINE_S)
+                      * math.pi / 2) ** 2
+        return (1.0 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
+    raise ValueError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
+
+
+def schedule_buffers(betas):
+    """Every per-step quantity the model uses, from float64 betas (float64 because 1 - a-bar_t is tiny at small t)."""
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # log beta-tilde_t; beta-tilde_1 = 0, so its log borrows beta-tilde_2 (beta_1 when T = 1).
+    first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
+    return {
+        'betas': betas,                                             # beta_t
+        'alphas': alphas,                                           # alpha_t = 1 - beta_t
+        'alphas_cumprod': alphas_cumprod,                           # a-bar_t = prod_{s<=t} alpha_s
+        'alphas_cumprod_prev': alphas_cumprod_prev,                 # a-bar_{t-1}, with a-bar_0 = 1
+        'sqrt_alphas_cumprod': alphas_cumprod.sqrt(),               # sqrt(a-bar_t)
+        'sqrt_one_minus_alphas_cumprod': (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - a-bar_t)
+        'sqrt_recip_alphas_cumprod': alphas_cumprod.rsqrt(),        # 1 / sqrt(a-bar_t)
+        'sqrt_recipm1_alphas_cumprod': (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / a-bar_t - 1)
+        'posterior_variance': posterior_variance,                   # beta-tilde_t, Eq. (7)
+        'posterior_log_variance_clipped': torch.log(torch.cat([first, posterior_variance[1:]])),
+        'log_betas': betas.log(),                                   # log beta_t, the upper end of iDDPM Eq. 15
+        # mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t, Eq. (7)
+        'posterior_mean_coef1': betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        'posterior_mean_coef2': (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+    }
+
+
+def check_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss):
+    """One clear ValueError for each impossible combination of DDPM options."""
+    if variance not in ('beta', 'posterior'):
+        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
+    if loss not in LOSSES:
+        raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+    if timesteps < 1 or (beta_schedule == 'linear' and not 0 < beta_start <= beta_end < 1):
+        raise ValueError('need timesteps >= 1 and 0 < beta_start <= beta_end < 1, got '
+                         f'timesteps={timesteps}, beta_start={beta_start}, beta_end={beta_end}')
+    if learn_sigma and loss == 'simple':
+        raise ValueError("learn_sigma=True needs loss='hybrid' or loss='vlb': L_simple does not train the variance")
+    if loss == 'hybrid' and not learn_sigma:
+        raise ValueError("loss='hybrid' needs learn_sigma=True (its VLB term trains only the variance)")
+    if learn_sigma and variance != 'beta':
+        raise ValueError(f"variance={variance!r} picks a fixed variance; drop it with learn_sigma=True")
+
+
 class DDPM(nn.Module):
-    """A diffusion model around `network(x_t, t) -> eps` with a linear beta schedule.
+    """A diffusion model around `network(x_t, t) -> eps` with a linear (or cosine) beta schedule.
 
     Args:
-        network: predicts the noise eps from (x_t, t), t a LongTensor [B] in 0..T-1.
+        network: predicts the noise eps from (x_t, t), t a LongTensor [B] in 0..T-1
+            (with learn_sigma, [eps, nu] stacked on the channels: 2C channels).
         timesteps: T, the number of diffusion steps.
         beta_start, beta_end: the linear schedule's beta_1 and beta_T.
-        variance: the reverse-process variance sigma_t^2 of the ancestral sampler:
+        variance: the fixed reverse-process variance sigma_t^2:
             'beta' (sigma_t^2 = beta_t, the paper's CIFAR-10 choice) or
-            'posterior' (sigma_t^2 = beta-tilde_t).
+            'posterior' (sigma_t^2 = beta-tilde_t). Unused with learn_sigma.
         image_shape: (C, H, W) of samples; read from the network's
             `in_channels` / `image_size` when it has them, else (3, 32, 32).
+        beta_schedule: 'linear' (Ho et al.) or 'cosine' (iDDPM Eq. 17).
+        learn_sigma: the network also outputs the variance (iDDPM Eq. 15).
+        loss: 'simple' (L_simple, Eq. 14), 'hybrid' (iDDPM Eq. 16; needs
+            learn_sigma) or 'vlb' (the variational bound itself).
+        betas: float64 betas that replace the named schedule (T = len(betas)).
     """
 
     def __init__(self, network, timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
-                 image_shape=None):
+                 image_shape=None, beta_schedule='linear', learn_sigma=False, loss='simple', betas=None):
         super().__init__()
-        if variance not in ('beta', 'posterior'):
-            raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
-        if timesteps < 1 or not 0 < beta_start <= beta_end < 1:
-            raise ValueError('need timesteps >= 1 and 0 < beta_start <= beta_end < 1, got '
-                             f'timesteps={timesteps}, beta_start={beta_start}, beta_end={beta_end}')
+        check_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss)
         self.network = network
-        self.timesteps = timesteps
-        self.variance = variance
+        self.variance, self.beta_schedule, self.learn_sigma, self.loss_type = variance, beta_schedule, learn_sigma, loss
         self.image_shape = tuple(image_shape) if image_shape is not None else (
             getattr(network, 'in_channels', 3), getattr(network, 'image_size', 32), getattr(network, 'image_size', 32))
-
-        # The schedule in float64 (1 - a-bar_t is tiny at small t), stored as float32.
-        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        schedule = {
-            'betas': betas,                                             # beta_t
-            'alphas': alphas,                                           # alpha_t = 1 - beta_t
-            'alphas_cumprod': alphas_cumprod,                           # a-bar_t = prod_{s<=t} alpha_s
-            'alphas_cumprod_prev': alphas_cumprod_prev,                 # a-bar_{t-1}, with a-bar_0 = 1
-            'sqrt_alphas_cumprod': alphas_cumprod.sqrt(),               # sqrt(a-bar_t)
-            'sqrt_one_minus_alphas_cumprod': (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - a-bar_t)
-            'sqrt_recip_alphas_cumprod': alphas_cumprod.rsqrt(),        # 1 / sqrt(a-bar_t)
-            'sqrt_recipm1_alphas_cumprod': (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / a-bar_t - 1)
-            'posterior_variance': posterior_variance,                   # beta-tilde_t, Eq. (7)
-            # log beta-tilde_t; beta-tilde_1 = 0, so its log borrows beta-tilde_2.
-            'posterior_log_variance_clipped': torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
-            # mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t, Eq. (7)
-            'posterior_mean_coef1': betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            'posterior_mean_coef2': (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-        }
+        # `betas` (float64) overrides the named schedule: samplers.respaced builds a shorter chain this way.
+        self.betas64 = betas if betas is not None else make_betas(beta_schedule, timesteps, beta_start, beta_end)
+        self.timesteps = len(self.betas64)
         # Derived from the constructor's arguments, so not part of the state_dict.
-        for name, value in schedule.items():
+        for name, value in schedule_buffers(self.betas64).items():
             self.register_buffer(name, value.float(), persistent=False)
 
     # ----- forward process ------------------------------------------------------------------
@@ -139,34 +193,85 @@ class DDPM(nn.Module):
 
     # ----- training -------------------------------------------------------------------------
 
-    def loss(self, x_0, t=None, noise=None):
-        """L_simple, Eq. (14): E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 with t uniform (Algorithm 1)."""
+    def loss(self, x_0, t=None, noise=None, reduction='mean'):
+        """The training objective at steps t (default uniform, Algorithm 1) and noise eps (default N(0, I)).
+
+        loss='simple': L_simple, Eq. (14), ||eps - eps_theta(x_t, t)||^2 averaged over pixels.
+        loss='vlb': T * L_{t-1} in bits/dim, an unbiased estimate of the bound's
+            sum over t for uniform t (iDDPM section 3.1).
+        loss='hybrid': L_simple + lambda * T * L_{t-1} with lambda = 0.001 (iDDPM
+            Eq. 16), the mean detached in the VLB term so that it trains only the variance.
+        reduction='none' gives one value per image (for importance weights); 'mean' their mean.
+        """
+        if reduction not in ('mean', 'none'):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if t is None:
             t = torch.randint(0, self.timesteps, (x_0.shape[0],), device=x_0.device)
         if noise is None:
             noise = torch.randn_like(x_0)
-        eps_pred = self.network(self.q_sample(x_0, t, noise), t)
-        return F.mse_loss(eps_pred.float(), noise)
+        x_t = self.q_sample(x_0, t, noise)
+        if self.loss_type == 'simple' and reduction == 'mean':
+            eps_pred = self.network(x_t, t)
+            return F.mse_loss(eps_pred.float(), noise)
+        eps_pred, nu = self.network_outputs(x_t, t)
+        if self.loss_type == 'simple':
+            return (eps_pred - noise).pow(2).flatten(1).mean(1)
+        # Trained on the unclipped bound (clip_denoised=False), as the paper's code does.
+        if self.loss_type == 'vlb':
+            per_image = self.timesteps * self.vb_term_bpd(x_0, x_t, t, False, (eps_pred, nu))
+        else:
+            vb = self.vb_term_bpd(x_0, x_t, t, False, (eps_pred.detach(), nu))
+            per_image = (eps_pred - noise).pow(2).flatten(1).mean(1) + HYBRID_LAMBDA * self.timesteps * vb
+        return per_image.mean() if reduction == 'mean' else per_image
 
-    def forward(self, x_0, t=None, noise=None):
+    def forward(self, x_0, t=None, noise=None, reduction='mean'):
         """The training loss, so that `model(x_0)` runs through DDP / torch.compile wrappers."""
-        return self.loss(x_0, t, noise)
+        return self.loss(x_0, t, noise, reduction)
 
     # ----- reverse process ------------------------------------------------------------------
 
-    def p_mean_variance(self, x_t, t, clip_denoised=True):
+    def network_outputs(self, x_t, t):
+        """(eps_pred, nu) in float32: the noise prediction and, with learn_sigma, the raw variance output (else None)."""
+        out = self.network(x_t, t).float()
+        if not self.learn_sigma:
+            return out, None
+        if out.shape[1] != 2 * x_t.shape[1]:
+            raise ValueError(f'learn_sigma=True needs a network with 2 x {x_t.shape[1]} output channels (eps and '
+                             f'the variance), got {out.shape[1]}; build it with create_cifar10_ddpm(learn_sigma=True)')
+        return out.chunk(2, dim=1)
+
+    def predict_eps(self, x_t, t):
+        """eps_theta(x_t, t) alone: what deterministic samplers (DDIM) use, whatever else the network outputs."""
+        return self.network_outputs(x_t, t)[0]
+
+    def learned_log_variance(self, nu, t):
+        """iDDPM Eq. 15: log Sigma = v log beta_t + (1 - v) log beta-tilde_t, with v = (nu + 1) / 2.
+
+        The network's nu = 1 gives beta_t, nu = -1 beta-tilde_t (as in the paper's
+        code); nu is not clipped, so the variance can leave that range.
+        """
+        v = (nu + 1) / 2
+        return (v * extract(self.log_betas, t, nu.shape)
+                + (1 - v) * extract(self.posterior_log_variance_clipped, t, nu.shape))
+
+    def p_mean_variance(self, x_t, t, clip_denoised=True, outputs=None):
         """p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), with mu_theta from Eq. (11).
 
         mu_theta is written as the posterior mean mu-tilde_t(x_t, x_0_pred), which
         equals Eq. (11) exactly; clipping x_0_pred to [-1, 1] (as the paper's
-        released sampler does) is applied before it is used.
+        released sampler does) is applied before it is used. sigma_t^2 is fixed
+        (`variance`) or learned (iDDPM Eq. 15). `outputs` = (eps_pred, nu) skips
+        the network call (the losses pass them, with eps_pred detached for L_hybrid).
         Returns (mean, variance, log_variance, x_0_pred).
         """
-        eps_pred = self.network(x_t, t).float()
+        eps_pred, nu = outputs if outputs is not None else self.network_outputs(x_t, t)
         x_0_pred = self.predict_x0_from_eps(x_t, t, eps_pred)
         if clip_denoised:
             x_0_pred = x_0_pred.clamp(-1.0, 1.0)
         mean, posterior_var, posterior_logvar = self.q_posterior(x_0_pred, x_t, t)
+        if nu is not None:
+            log_var = self.learned_log_variance(nu, t)
+            return mean, log_var.exp(), log_var, x_0_pred
         if self.variance == 'posterior':
             return mean, posterior_var, posterior_logvar, x_0_pred
         # sigma_t^2 = beta_t; at t = 1 use beta-tilde_2's place as the paper's code does
@@ -226,16 +331,17 @@ class DDPM(nn.Module):
 
     # ----- the variational bound, in bits/dim -----------------------------------------------
 
-    def vb_term_bpd(self, x_0, x_t, t, clip_denoised=True):
-        """One term of the variational bound, Eq. (5), in bits/dim, per image.
+    def vb_term_bpd(self, x_0, x_t, t, clip_denoised=True, outputs=None):
+        """One term of the variational bound, Eq. (5), in bits/dim (the mean over pixels, in bits), per image.
 
         For t > 1 (code t > 0): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)).
         For t = 1 (code t = 0): L_0 = -log p_theta(x_0 | x_1), the discretised Gaussian decoder.
         clip_denoised: p_theta's mean from the predicted x_0 clipped to [-1, 1], as the paper's
         released code evaluates the bound (its 3.70-3.75 bits/dim); both choices are valid bounds.
+        `outputs`: the network's (eps_pred, nu) at (x_t, t), if already computed.
         """
         true_mean, _, true_logvar = self.q_posterior(x_0, x_t, t)
-        mean, _, logvar, _ = self.p_mean_variance(x_t, t, clip_denoised=clip_denoised)
+        mean, _, logvar, _ = self.p_mean_variance(x_t, t, clip_denoised=clip_denoised, outputs=outputs)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
@@ -267,7 +373,9 @@ class DDPM(nn.Module):
 
 # ----- building and loading -------------------------------------------------------------------
 
-DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance')
+# The DDPM options a checkpoint's config carries; a config without one of them (an older
+# checkpoint) gets the default, which is the model it was trained as (linear, fixed variance, L_simple).
+DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance', 'beta_schedule', 'learn_sigma', 'loss')
 UNET_OPTIONS = tuple(p for p in inspect.signature(UNet).parameters)
 # Options added after checkpoints had been written: a stored config without the key
 # was trained with this value, not with the new default.
@@ -275,17 +383,21 @@ LEGACY_DEFAULTS = {'downsample_padding': 'symmetric'}
 
 
 def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
-                        **unet_overrides):
+                        beta_schedule='linear', learn_sigma=False, loss='simple', **unet_overrides):
     """The CIFAR-10 DDPM: a UNet of the named `arch` ('base', 'ddpm-paper' or 'tiny') inside a DDPM.
 
     Any UNet keyword (channels, num_res_blocks, time_emb_dim, attn_resolutions,
-    num_heads, dropout, image_size, in_channels, downsample_padding) overrides the arch's value.
+    num_heads, dropout, image_size, in_channels, downsample_padding) overrides the arch's value;
+    learn_sigma=True gives the UNet 2 x in_channels outputs (eps and the variance).
     """
     unknown = set(unet_overrides) - set(UNET_OPTIONS)
     if unknown:
         raise ValueError(f'unknown U-Net option(s) {sorted(unknown)}; valid: {list(UNET_OPTIONS)}')
+    if learn_sigma and 'out_channels' not in unet_overrides:
+        unet_overrides['out_channels'] = 2 * unet_overrides.get('in_channels', 3)
     network = build_unet(arch, **unet_overrides)
-    return DDPM(network, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, variance=variance)
+    return DDPM(network, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, variance=variance,
+                beta_schedule=beta_schedule, learn_sigma=learn_sigma, loss=loss)
 
 
 def model_kwargs(config):

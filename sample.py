@@ -59,15 +59,11 @@ def batch_counts(num_samples, batch_size):
 
 
 def resolve_steps(model, sampler, steps):
-    """The number of network evaluations: T for 'ddpm'; `steps` (default DEFAULT_DDIM_STEPS for 'ddim',
-    DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver') otherwise."""
+    """The number of network evaluations: for 'ddpm' T, or `steps` (a respaced chain, iDDPM section 4);
+    otherwise `steps` (default DEFAULT_DDIM_STEPS for 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver')."""
     if sampler not in SAMPLERS:
         raise ValueError(f'sampler must be one of {SAMPLERS}, got {sampler!r}')
-    if sampler == 'ddpm':
-        if steps not in (None, model.timesteps):
-            raise ValueError(f"the 'ddpm' sampler runs all {model.timesteps} steps of this checkpoint; for fewer "
-                             f"steps use --sampler dpm-solver --steps {steps}, or --sampler ddim (--eta 1 makes "
-                             f"it stochastic)")
+    if sampler == 'ddpm' and steps is None:
         return model.timesteps
     if steps is None:
         steps = min(DEFAULT_DPM_SOLVER_STEPS if sampler == 'dpm-solver' else DEFAULT_DDIM_STEPS, model.timesteps)
@@ -272,7 +268,7 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     wanted = sorted({min(visited, key=lambda v: abs(v - target))
                      for target in np.linspace(T, 0, columns)}, reverse=True)
     frames = {T: x_T.to(device)} if T in wanted else {}
-    chain = model.sample_progressive(n, device, sampler, steps if sampler != 'ddpm' else None, eta, generator,
+    chain = model.sample_progressive(n, device, sampler, steps, eta, generator,
                                      progress, x_T=x_T, spacing=spacing)
     with autocast(device, amp_dtype(amp, device)):
         for i, (step, x, _) in enumerate(chain):
@@ -304,7 +300,8 @@ def build_parser():
                         'dpm-solver: DPM-Solver++(2M), Lu et al. 2022 (fast; see README)')
     p.add_argument('--steps', type=int, default=None,
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
-                        f'for dpm-solver); the ddpm sampler always runs all T')
+                        f'for dpm-solver); for ddpm (default all T) fewer steps respace the chain (Nichol & '
+                        f'Dhariwal 2021, section 4)')
     p.add_argument('--spacing', choices=SPACINGS, default=None,
                    help='which steps ddim and dpm-solver visit: uniform or quadratic in t, or logsnr (uniform in '
                         'log-SNR); default: uniform for ddim, logsnr for dpm-solver')

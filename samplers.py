@@ -1,6 +1,7 @@
 """The reverse process: one sampler per function, each read against its paper.
 
-    ddpm_step        Ho et al. 2020, Algorithm 2: ancestral sampling over all T steps
+    ddpm_step        Ho et al. 2020, Algorithm 2: ancestral sampling over all T steps, or over a uniform
+                     sub-sequence of them with `steps` (`respaced`, Nichol & Dhariwal 2021 section 4)
     ddim_step        Song et al. 2020 (arXiv:2010.02502), Eq. (12): a sub-sequence tau of the steps
     dpm_solver_step  Lu et al. 2022 (arXiv:2211.01095), Algorithm 2, DPM-Solver++(2M): a second-order
                      multistep solver of the probability-flow ODE in its data-prediction form
@@ -8,7 +9,8 @@
 `sample_loop` runs a sampler from x_T ~ N(0, I) down to x_0 and yields every
 x_t on the way; `DDPM.sample` and `DDPM.sample_progressive` are its public
 entry points. Each function takes the DDPM first and uses only its schedule
-buffers and its noise predictor `model.network(x_t, t)`.
+buffers, `model.p_mean_variance` (the ancestral step's mean and, fixed or learned,
+variance) and `model.predict_eps(x_t, t)` (the deterministic samplers' noise prediction).
 
 The fast samplers visit `steps` integer steps (the network is discrete-time),
 chosen by `spaced_timesteps`: 'uniform' in t (DDIM's default), 'quadratic' in t
@@ -20,6 +22,7 @@ lambda_t = log(sqrt(a-bar_t) / sqrt(1 - a-bar_t)) (DPM-Solver's default).
 import math
 
 import torch
+import torch.nn as nn
 
 SAMPLERS = ('ddpm', 'ddim', 'dpm-solver')
 SPACINGS = ('uniform', 'quadratic', 'logsnr')
@@ -50,8 +53,8 @@ def resolve_spacing(sampler, spacing, eta=0.0):
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f'spacing must be one of {SPACINGS}, got {spacing!r}')
     if sampler == 'ddpm' and spacing is not None:
-        raise ValueError(f"the 'ddpm' sampler visits every step, so spacing={spacing!r} does not apply; "
-                         f"spacing is for 'ddim' and 'dpm-solver'")
+        raise ValueError(f"the 'ddpm' sampler visits every step (or, respaced, uniform ones), so "
+                         f"spacing={spacing!r} does not apply; spacing is for 'ddim' and 'dpm-solver'")
     if sampler == 'dpm-solver' and eta:
         raise ValueError(f"eta={eta:g} is DDIM's noise; 'dpm-solver' solves the deterministic ODE (use eta=0)")
     return spacing or DEFAULT_SPACING.get(sampler)
@@ -60,9 +63,6 @@ def resolve_spacing(sampler, spacing, eta=0.0):
 def check_options(timesteps, sampler, steps, spacing=None, eta=0.0):
     """Raise a one-line ValueError for an unknown sampler or spacing, or steps outside 1..T."""
     resolve_spacing(sampler, spacing, eta)
-    if sampler == 'ddpm' and steps not in (None, timesteps):
-        raise ValueError(f"the 'ddpm' sampler runs all {timesteps} steps; for fewer steps use "
-                         f"sampler='dpm-solver' or 'ddim', steps={steps} (DDIM with eta=1.0 is stochastic)")
     if steps is not None and not 1 <= steps <= timesteps:
         raise ValueError(f'steps must be between 1 and timesteps={timesteps}, got {steps}')
 
@@ -107,11 +107,37 @@ def ddim_timesteps(timesteps, steps):
 
 def timestep_sequence(model, sampler, steps, spacing=None):
     """The steps a sampler visits, from T-1 down to 0, as a CPU LongTensor (spacing None: the sampler's)."""
-    if sampler == 'ddpm':
+    if sampler == 'ddpm' and steps in (None, model.timesteps):
         return torch.arange(model.timesteps - 1, -1, -1)
-    spacing = spacing or DEFAULT_SPACING[sampler]
+    spacing = spacing or DEFAULT_SPACING.get(sampler, 'uniform')   # a respaced 'ddpm' chain: uniform
     log_snr = half_log_snr(model) if spacing == 'logsnr' else None
     return spaced_timesteps(model.timesteps, steps, spacing, log_snr).flip(0)
+
+
+class OriginalSteps(nn.Module):
+    """The network of a respaced chain: its step i is the original model's step `steps[i]`."""
+
+    def __init__(self, network, steps):
+        super().__init__()
+        self.network = network
+        self.register_buffer('steps', steps, persistent=False)
+
+    def forward(self, x_t, i):
+        return self.network(x_t, self.steps.to(i.device)[i])
+
+
+def respaced(model, steps):
+    """Improved DDPM, section 4: the DDPM over the sub-sequence S of `steps` uniform steps (as DDIM's tau).
+
+    Its betas are beta_i = 1 - a-bar_{S_i} / a-bar_{S_{i-1}} (float64, from the model's
+    own schedule), so its a-bar_i equals the original a-bar_{S_i}; beta-tilde and the
+    learned variance's interpolation (iDDPM Eq. 15) follow from these betas.
+    """
+    seq = ddim_timesteps(model.timesteps, steps)
+    abar = torch.cumprod(1.0 - model.betas64, dim=0)[seq]
+    betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return type(model)(OriginalSteps(model.network, seq), variance=model.variance, image_shape=model.image_shape,
+                       learn_sigma=model.learn_sigma, loss=model.loss_type, betas=betas).to(model.betas.device)
 
 
 def ddpm_step(model, x_t, t, step, generator, clip_denoised):
@@ -124,7 +150,7 @@ def ddpm_step(model, x_t, t, step, generator, clip_denoised):
 
 def ddim_step(model, x_t, t, step, prev, eta, generator, clip_denoised):
     """DDIM, Eq. (12) of Song et al.: step from t to prev (prev = -1 means a-bar = 1, i.e. x_0)."""
-    eps = model.network(x_t, t).float()
+    eps = model.predict_eps(x_t, t)
     x_0_pred = model.predict_x0_from_eps(x_t, t, eps)
     if clip_denoised:
         x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -165,7 +191,7 @@ def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised):
     with D = (1 + 1/(2r)) x_theta(x_s, s) - 1/(2r) x_theta(x_{s'}, s') from the previous step s' (see
     dpm_solver_coefficients). x_theta is the data prediction x_0_pred, clipped to [-1, 1] only if asked."""
     c_x, c_d, w = coef
-    eps = model.network(x_s, s).float()
+    eps = model.predict_eps(x_s, s)
     x_0_pred = model.predict_x0_from_eps(x_s, s, eps)
     if clip_denoised:
         x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -187,15 +213,18 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
     x = x_T.to(device) if x_T is not None else draw_noise((n, *model.image_shape), generator, device)
     seq = timestep_sequence(model, sampler, steps, spacing).tolist()
     coefs = dpm_solver_coefficients(model, seq) if sampler == 'dpm-solver' else None   # before the loop: no syncs in it
+    # 'ddpm' over fewer than T steps walks a respaced chain, whose own step index runs K-1..0.
+    chain = respaced(model, steps) if sampler == 'ddpm' and len(seq) < model.timesteps else model
     bar = seq
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(seq, desc=f'sampling ({sampler}, {len(seq)} steps)', leave=False)
     x_0_pred = None
     for i, step in enumerate(bar):
-        t = torch.full((n,), step, device=device, dtype=torch.long)
+        index = step if chain is model else len(seq) - 1 - i
+        t = torch.full((n,), index, device=device, dtype=torch.long)
         if sampler == 'ddpm':
-            x, x_0_pred = ddpm_step(model, x, t, step, generator, clip_denoised)
+            x, x_0_pred = ddpm_step(chain, x, t, index, generator, clip_denoised)
         elif sampler == 'ddim':
             prev = seq[i + 1] if i + 1 < len(seq) else -1
             x, x_0_pred = ddim_step(model, x, t, step, prev, eta, generator, clip_denoised)

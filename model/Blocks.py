@@ -243,11 +243,14 @@ class UNet(nn.Module):
 
     downsample_padding: 'same' (the paper's TF padding, the default) or
     'symmetric' (what checkpoints written before the option had); see Downsample.
+    out_channels (default in_channels) widens the output, e.g. to eps and a variance.
     """
 
     def __init__(self, in_channels=3, channels=(64, 128, 256), num_res_blocks=2, time_emb_dim=128,
-                 attn_resolutions=(16, 8), num_heads=4, dropout=0.1, image_size=32, downsample_padding='same'):
+                 attn_resolutions=(16, 8), num_heads=4, dropout=0.1, image_size=32, downsample_padding='same',
+                 out_channels=None):
         super().__init__()
+        out_channels = out_channels or in_channels  # 2 * in_channels for eps and a variance (Nichol & Dhariwal 2021)
         channels, attn_resolutions = tuple(channels), tuple(attn_resolutions)
         levels = len(channels)
         if levels < 1 or num_res_blocks < 1:
@@ -265,7 +268,7 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
                            time_emb_dim=time_emb_dim, attn_resolutions=attn_resolutions,
                            num_heads=num_heads, dropout=dropout, image_size=image_size,
-                           downsample_padding=downsample_padding)
+                           downsample_padding=downsample_padding, out_channels=out_channels)
         self.in_channels, self.image_size = in_channels, image_size
 
         self.time_embedding = SinusoidalTimeEmbedding(channels[0], time_emb_dim)
@@ -295,7 +298,7 @@ class UNet(nn.Module):
             resolution = resolution * 2 if i > 0 else resolution
 
         self.norm_out = group_norm(ch)
-        self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def forward(self, x_t, t):
         temb = self.time_embedding(t)

@@ -428,10 +428,11 @@ def test_sample_runs_in_eval_mode_and_restores_mode(training):
 
 
 def test_sampler_argument_errors():
-    """'ddpm' runs all T steps, so fewer steps is an error; unknown sampler names are errors."""
+    """More steps than T is an error for both samplers ('ddpm' with fewer respaces, test_iddpm.py);
+    unknown sampler names are errors."""
     model = DDPM(Recorder(), timesteps=20, image_shape=(1, 4, 4))
     with pytest.raises(ValueError):
-        model.sample(1, sampler='ddpm', steps=10, progress=False)
+        model.sample(1, sampler='ddpm', steps=21, progress=False)
     with pytest.raises(ValueError):
         model.sample(1, sampler='euler', progress=False)
     with pytest.raises(ValueError):
