@@ -84,6 +84,7 @@ def train_ddpm(
     beta_schedule: str = 'linear',    # 'linear' (the paper's) | 'cosine' (Improved DDPM; ignores beta_start/end)
     learn_sigma: bool = False,        # the U-Net also outputs the reverse variance (Improved DDPM); needs a loss below
     loss: str = 'simple',             # 'simple' (the paper's L_simple) | 'hybrid' (+ 0.001 L_vlb) | 'vlb'
+    importance_sampling: bool = False,  # loss='vlb' only: draw t with p_t ~ sqrt(E[L_t^2]) (Improved DDPM 3.3)
 ):
     """Train a DDPM; returns its EMA model, the one every sample path uses (`model.sample(...)`).
 
@@ -131,6 +132,9 @@ def validate_config(c):
             raise ValueError(f'{key} must be one of {valid}, got {c[key]!r}')
     check_options(c['timesteps'], c['beta_start'], c['beta_end'], c['variance'], c['beta_schedule'],
                   c['learn_sigma'], c['loss'])
+    if c['importance_sampling'] and c['loss'] != 'vlb':
+        raise ValueError(f"importance_sampling=True needs loss='vlb' (it samples t for the bound), got "
+                         f"loss={c['loss']!r}")
 
 
 def find_resume_checkpoint(resume, checkpoint_dir, say):

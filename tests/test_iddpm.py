@@ -329,6 +329,57 @@ def test_options_train_sample_and_rebuild_from_the_checkpoint(tmp_path):
     np.testing.assert_allclose(rebuilt.betas64.numpy(), np.linspace(1e-4, 0.02, 50), rtol=1e-14)
 
 
+# ----- importance sampling of t, iDDPM section 3.3 -------------------------------------------
+
+def test_importance_sampler_is_uniform_until_full_then_sqrt_mean_square():
+    from timestep_sampler import ImportanceSampler
+    sampler = ImportanceSampler(4)
+    rng = np.random.default_rng(0)
+    losses = {t: list(rng.random(12) * (t + 1)) for t in range(4)}
+    for i in range(12):
+        if i < 10:   # some t still lacks 10 losses
+            assert not sampler.warmed_up()
+            np.testing.assert_array_equal(sampler.probabilities().numpy(), np.full(4, 0.25))
+        sampler.update(torch.arange(4), torch.tensor([losses[t][i] for t in range(4)]))
+    assert sampler.warmed_up()
+    kept = np.array([losses[t][2:] for t in range(4)])              # the newest 10 of 12
+    np.testing.assert_allclose(sampler.losses.numpy(), kept, rtol=1e-6)
+    p = np.sqrt((kept ** 2).mean(1))
+    expected = 0.999 * p / p.sum() + 0.001 / 4
+    np.testing.assert_allclose(sampler.probabilities().numpy(), expected, rtol=1e-6)
+    t, w = sampler.sample(200_000, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(np.bincount(t.numpy(), minlength=4) / 200_000, expected, atol=4e-3)
+    np.testing.assert_allclose(w.numpy(), 1 / (4 * expected[t.numpy()]), rtol=1e-6)
+    # E_p[w L_t] = the uniform mean of L_t: the weighted loss still estimates the bound's sum
+    value = rng.random(4)
+    assert float((w.double() * torch.from_numpy(value)[t]).mean()) == pytest.approx(value.mean(), rel=1e-2)
+
+
+def test_importance_sampling_resumes_exactly(tmp_path):
+    """Its loss history is in the checkpoint: 4 steps + resume to 8 equals 8 straight steps (warm after 5)."""
+    from train import train_ddpm
+    data = make_image_folder(tmp_path / 'img', 16)
+
+    def run(name, **kw):
+        ckpt = tmp_path / name
+        train_ddpm(**{**TINY_TRAIN, 'dataset': 'folder', 'data_dir': data, 'checkpoint_dir': str(ckpt),
+                      'log_dir': str(tmp_path / 'runs'), 'run_name': name, 'timesteps': 4, 'amp': 'fp32',
+                      'learn_sigma': True, 'loss': 'vlb', 'importance_sampling': True, 'num_epochs': 4, **kw})
+        return load(ckpt / 'ddpm_latest.pth')
+
+    straight = run('straight')
+    run('resumed', max_steps=4)
+    resumed = run('resumed', resume='latest')
+    assert straight['step'] == resumed['step'] == 8
+    assert (straight['timestep_sampler']['counts'] == 10).all()
+    for key in ('losses', 'counts'):
+        assert torch.equal(straight['timestep_sampler'][key], resumed['timestep_sampler'][key])
+    for k, v in straight['model_state_dict'].items():
+        assert torch.equal(v, resumed['model_state_dict'][k]), k
+    with pytest.raises(ValueError, match="needs loss='vlb'"):
+        train_ddpm(importance_sampling=True, device='cpu')
+
+
 # ----- the default model is unchanged ---------------------------------------------------------
 
 # Hashes of the default model's samples, VLB terms (clipped, the default) and loss, computed on the

@@ -19,7 +19,8 @@ ALLOWED = {
     'checkpoint': {'diffusion', 'runtime', 'diffusers_io'},   # diffusers_io: only inside load_checkpoint
     'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
     'sample_store': {'data.image_folder', 'runtime'},
-    'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'runtime'},
+    'timestep_sampler': set(),
+    'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'runtime', 'timestep_sampler'},
     'train': {'checkpoint', 'diffusion', 'runtime', 'samplers', 'train_util'},
     'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'runtime', 'sample_store', 'samplers'},
     'evaluate': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'runtime', 'sample', 'samplers'},
