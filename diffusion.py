@@ -306,7 +306,8 @@ class DDPM(nn.Module):
                 (Algorithm 2); 'ddim' (Song et al. 2020) or 'dpm-solver'
                 (DPM-Solver++(2M), Lu et al. 2022) over `steps` steps.
             steps: network evaluations of 'ddim' (default T) and 'dpm-solver'
-                (default samplers.DEFAULT_DPM_SOLVER_STEPS); 'ddpm' always runs T.
+                (default samplers.DEFAULT_DPM_SOLVER_STEPS); for 'ddpm', fewer than T
+                walk a respaced chain (Improved DDPM section 4, samplers.respaced).
             eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's posterior noise.
             generator: a torch.Generator; the same seed gives the same samples.
             progress: show a tqdm progress bar over the steps.
