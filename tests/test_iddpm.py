@@ -238,14 +238,15 @@ def test_ddpm_sampler_uses_the_learned_variance(nu, variance):
     assert not torch.allclose(a, other.sample(2, generator=torch.Generator().manual_seed(3), progress=False))
 
 
-def test_ddim_uses_the_eps_half_only():
+@pytest.mark.parametrize('sampler, eta', [('ddim', 0.0), ('ddim', 1.0), ('dpm-solver', 0.0)])
+def test_deterministic_samplers_use_the_eps_half_only(sampler, eta):
+    """DDIM (also with eta > 0, whose sigma is DDIM's own) and DPM-Solver read eps through DDPM.predict_eps."""
     kw = dict(timesteps=20, image_shape=(3, 4, 4))
-    for eta in (0.0, 1.0):
-        a = DDPM(EpsNu(b=2.0), learn_sigma=True, loss='hybrid', **kw).sample(
-            2, sampler='ddim', steps=5, eta=eta, generator=torch.Generator().manual_seed(4), progress=False)
-        b = DDPM(Eps(), **kw).sample(2, sampler='ddim', steps=5, eta=eta,
-                                     generator=torch.Generator().manual_seed(4), progress=False)
-        assert torch.equal(a, b)
+    a = DDPM(EpsNu(b=2.0), learn_sigma=True, loss='hybrid', **kw).sample(
+        2, sampler=sampler, steps=5, eta=eta, generator=torch.Generator().manual_seed(4), progress=False)
+    b = DDPM(Eps(), **kw).sample(2, sampler=sampler, steps=5, eta=eta,
+                                 generator=torch.Generator().manual_seed(4), progress=False)
+    assert torch.equal(a, b)
 
 
 # ----- respacing, iDDPM section 4 -------------------------------------------------------------
