@@ -27,39 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import samplers
+from losses import discretized_gaussian_log_likelihood, normal_kl  # noqa: F401 (also public here)
 from model.Blocks import UNet, build_unet
 
 
 def extract(a, t, shape):
     """Gather a[t] for a batch of steps t and shape it [B, 1, 1, ...] to broadcast against `shape`."""
     return a.gather(0, t).reshape(t.shape[0], *([1] * (len(shape) - 1)))
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def approx_standard_normal_cdf(x):
-    """The standard normal CDF through the tanh approximation the paper's code uses."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log p(x) of 8-bit data x in [-1, 1] under N(mean, exp(log_scale)^2), Eq. (13).
-
-    Each pixel value owns a bin of width 2/255 centred on it; the edge bins
-    extend to -inf and +inf, so the 256 probabilities sum to one.
-    """
-    centred = x - mean
-    inv_std = torch.exp(-log_scale)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centred + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centred - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 BETA_SCHEDULES = ('linear', 'cosine')
@@ -111,7 +85,7 @@ def schedule_buffers(betas):
     }
 
 
-def check_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss):
+def check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss):
     """One clear ValueError for each impossible combination of DDPM options."""
     if variance not in ('beta', 'posterior'):
         raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
@@ -153,7 +127,7 @@ class DDPM(nn.Module):
     def __init__(self, network, timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
                  image_shape=None, beta_schedule='linear', learn_sigma=False, loss='simple', betas=None):
         super().__init__()
-        check_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss)
+        check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss)
         self.network = network
         self.variance, self.beta_schedule, self.learn_sigma, self.loss_type = variance, beta_schedule, learn_sigma, loss
         self.image_shape = tuple(image_shape) if image_shape is not None else (

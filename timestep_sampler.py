@@ -1,15 +1,50 @@
-"""Importance sampling of the diffusion step t (Nichol & Dhariwal 2021, arXiv:2102.09672, section 3.3).
+"""What each training step draws: its t and eps, and (optionally) importance sampling of t.
+
+`step_noise` draws t and eps of a step from (seed, step) alone, through `stream_seed`,
+so a resumed run draws exactly what an uninterrupted one would.
+
+Importance sampling of the diffusion step t (Nichol & Dhariwal 2021, arXiv:2102.09672, section 3.3):
 
 For loss='vlb', `ImportanceSampler` draws t with p_t proportional to sqrt(E[L_t^2]) over the last
 10 losses at each t, uniformly until every t has 10; the loss is weighted by 1 / (T p_t), so it
-stays an unbiased estimate of the bound's sum over t. train_util.step_noise asks it for t.
+stays an unbiased estimate of the bound's sum over t. step_noise asks it for t.
 """
+
+import hashlib
 
 import torch
 import torch.distributed as torch_dist
 
 HISTORY = 10          # losses remembered per t (the paper's value)
 UNIFORM_MIX = 0.001   # share of uniform probability mixed in, as the paper's code does: no t is never drawn
+
+
+def stream_seed(stream, seed, step, rank=0):
+    """A 63-bit seed for one random stream ('noise', 'dropout') at (seed, step, rank).
+
+    Hashing the stream's name with its coordinates keeps streams apart: no
+    (step, rank) of one stream can land on another's seed, as sums of scaled
+    integers can (seed * a + step * b + rank meets seed * a + step' at step' = b * step + rank).
+    """
+    digest = hashlib.sha256(f'{stream}/{seed}/{step}/{rank}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1
+
+
+def step_noise(generator, seed, step, global_batch, shape, timesteps, t_sampler=None):
+    """(t, eps, weights) for every image of the global batch at this step, drawn from (seed, step) alone.
+
+    `generator` lives on the training device, so on a GPU the noise is drawn there
+    (no host work or copy in the step); re-seeding it is cheap and needs no sync.
+    t is uniform (Algorithm 1) and weights None, unless a warmed-up ImportanceSampler draws t.
+    """
+    generator.manual_seed(stream_seed('noise', seed, step))
+    weights = None
+    if t_sampler is not None and t_sampler.warmed_up():
+        t, weights = t_sampler.sample(global_batch, generator)
+    else:
+        t = torch.randint(0, timesteps, (global_batch,), generator=generator, device=generator.device)
+    eps = torch.randn((global_batch, *shape), generator=generator, device=generator.device)
+    return t, eps, weights
 
 
 class ImportanceSampler:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from checkpoint import CheckpointError, load_checkpoint
-from diffusion import BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, UNET_OPTIONS, check_options
+from diffusion import BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, UNET_OPTIONS, check_model_options
 from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest
 from samplers import DEFAULT_DDIM_STEPS, SAMPLERS
 from train_util import TrainLoop, plain
@@ -130,7 +130,7 @@ def validate_config(c):
     for key, valid in choices.items():
         if c[key] not in valid:
             raise ValueError(f'{key} must be one of {valid}, got {c[key]!r}')
-    check_options(c['timesteps'], c['beta_start'], c['beta_end'], c['variance'], c['beta_schedule'],
+    check_model_options(c['timesteps'], c['beta_start'], c['beta_end'], c['variance'], c['beta_schedule'],
                   c['learn_sigma'], c['loss'])
     if c['importance_sampling'] and c['loss'] != 'vlb':
         raise ValueError(f"importance_sampling=True needs loss='vlb' (it samples t for the bound), got "

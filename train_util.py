@@ -18,11 +18,9 @@ history (timestep_sampler.ImportanceSampler), which every rank holds whole and c
 """
 
 import copy
-import hashlib
 import json
 import math
 import os
-import signal
 import time
 from contextlib import closing, nullcontext
 
@@ -32,8 +30,8 @@ import torch.distributed as torch_dist
 from checkpoint import load_model_state, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import create_cifar10_ddpm, model_kwargs
-from runtime import amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
-from timestep_sampler import ImportanceSampler
+from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
+from timestep_sampler import ImportanceSampler, step_noise, stream_seed
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -43,34 +41,6 @@ def plain(value):
     if isinstance(value, tuple):
         return list(value)
     return str(value) if isinstance(value, torch.device) else value
-
-
-def stream_seed(stream, seed, step, rank=0):
-    """A 63-bit seed for one random stream ('noise', 'dropout') at (seed, step, rank).
-
-    Hashing the stream's name with its coordinates keeps streams apart: no
-    (step, rank) of one stream can land on another's seed, as sums of scaled
-    integers can (seed * a + step * b + rank meets seed * a + step' at step' = b * step + rank).
-    """
-    digest = hashlib.sha256(f'{stream}/{seed}/{step}/{rank}'.encode()).digest()
-    return int.from_bytes(digest[:8], 'little') >> 1
-
-
-def step_noise(generator, seed, step, global_batch, shape, timesteps, t_sampler=None):
-    """(t, eps, weights) for every image of the global batch at this step, drawn from (seed, step) alone.
-
-    `generator` lives on the training device, so on a GPU the noise is drawn there
-    (no host work or copy in the step); re-seeding it is cheap and needs no sync.
-    t is uniform (Algorithm 1) and weights None, unless a warmed-up ImportanceSampler draws t.
-    """
-    generator.manual_seed(stream_seed('noise', seed, step))
-    weights = None
-    if t_sampler is not None and t_sampler.warmed_up():
-        t, weights = t_sampler.sample(global_batch, generator)
-    else:
-        t = torch.randint(0, timesteps, (global_batch,), generator=generator, device=generator.device)
-    eps = torch.randn((global_batch, *shape), generator=generator, device=generator.device)
-    return t, eps, weights
 
 
 @torch.no_grad()
@@ -86,31 +56,6 @@ def ema_decay_at(step, ema_decay):
     long runs match the paper's constant decay.
     """
     return min(ema_decay, (1.0 + step) / (10.0 + step))
-
-
-class GracefulStop:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
-
-    def __init__(self):
-        self.requested = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class TrainLoop:

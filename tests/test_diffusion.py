@@ -596,7 +596,7 @@ def test_decoder_bins_are_the_exact_gaussian_integrals_within_the_tanh_error():
     (a difference of two CDF values) may be off by twice that, and no more."""
     from scipy.stats import norm
 
-    from diffusion import approx_standard_normal_cdf, discretized_gaussian_log_likelihood
+    from losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood
     z = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
     cdf_error = float((approx_standard_normal_cdf(z) - torch.from_numpy(norm.cdf(z.numpy()))).abs().max())
     assert cdf_error < 1.8e-4

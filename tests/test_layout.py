@@ -15,7 +15,8 @@ ALLOWED = {
     'data.image_folder': {'runtime'},
     'data.process_cifar': {'data.image_folder'},
     'samplers': set(),
-    'diffusion': {'model.Blocks', 'samplers', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
+    'losses': set(),
+    'diffusion': {'model.Blocks', 'losses', 'samplers', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
     'checkpoint': {'diffusion', 'runtime', 'diffusers_io'},   # diffusers_io: only inside load_checkpoint
     'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
     'sample_store': {'data.image_folder', 'runtime'},
