@@ -6,7 +6,12 @@ reverse-process distribution p_theta(x_{t-1} | x_t) and the variational bound in
 bits/dim. The samplers that walk the reverse chain (the paper's Algorithm 2,
 DDIM, DPM-Solver++) are in samplers.py. A class-conditional network
 (`UNet(num_classes=...)`) adds classifier-free guidance (Ho & Salimans 2022,
-arXiv:2207.12598) at the one place the samplers get eps from: `predict_eps`. This module knows nothing of files, devices or
+arXiv:2207.12598) at the one place the samplers get eps from: `network_outputs`.
+
+Options from Improved DDPM (Nichol & Dhariwal 2021, arXiv:2102.09672), each off
+by default: the cosine schedule (`beta_schedule='cosine'`, their Eq. 17), learned
+reverse variances (`learn_sigma=True`, Eq. 15) and the hybrid / VLB objectives
+(`loss='hybrid'|'vlb'`, Eq. 16 and section 3.1). This module knows nothing of files, devices or
 command lines: checkpoints are checkpoint.py's, run-time choices runtime.py's.
 
 Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
@@ -24,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import samplers
+from losses import discretized_gaussian_log_likelihood, normal_kl  # noqa: F401 (also public here)
 from model.Blocks import UNet, build_unet
 
 
@@ -32,85 +38,107 @@ def extract(a, t, shape):
     return a.gather(0, t).reshape(t.shape[0], *([1] * (len(shape) - 1)))
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+BETA_SCHEDULES = ('linear', 'cosine')
+LOSSES = ('simple', 'hybrid', 'vlb')
+HYBRID_LAMBDA = 0.001   # lambda of L_hybrid = L_simple + lambda L_vlb (iDDPM Eq. 16)
+COSINE_S = 0.008        # the offset s of iDDPM Eq. 17 (keeps beta_1 from being tiny)
+MAX_BETA = 0.999        # iDDPM clips the cosine schedule's betas here: beta_T would be 1
 
 
-def approx_standard_normal_cdf(x):
-    """The standard normal CDF through the tanh approximation the paper's code uses."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+def make_betas(beta_schedule, timesteps, beta_start=1e-4, beta_end=0.02):
+    """The betas of a named schedule, float64 [T].
 
-
-def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log p(x) of 8-bit data x in [-1, 1] under N(mean, exp(log_scale)^2), Eq. (13).
-
-    Each pixel value owns a bin of width 2/255 centred on it; the edge bins
-    extend to -inf and +inf, so the 256 probabilities sum to one.
+    'linear': Ho et al.'s beta_start..beta_end. 'cosine': iDDPM Eq. 17,
+    a-bar_t = f(t) / f(0) with f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), so
+    beta_t = 1 - a-bar_t / a-bar_{t-1}, clipped at 0.999 (beta_start/beta_end unused).
     """
-    centred = x - mean
-    inv_std = torch.exp(-log_scale)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centred + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centred - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    if beta_schedule == 'linear':
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if beta_schedule == 'cosine':
+        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + COSINE_S) / (1 + COSINE_S)
+                      * math.pi / 2) ** 2
+        return (1.0 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
+    raise ValueError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
+
+
+def schedule_buffers(betas):
+    """Every per-step quantity the model uses, from float64 betas (float64 because 1 - a-bar_t is tiny at small t)."""
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # log beta-tilde_t; beta-tilde_1 = 0, so its log borrows beta-tilde_2 (beta_1 when T = 1).
+    first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
+    return {
+        'betas': betas,                                             # beta_t
+        'alphas': alphas,                                           # alpha_t = 1 - beta_t
+        'alphas_cumprod': alphas_cumprod,                           # a-bar_t = prod_{s<=t} alpha_s
+        'alphas_cumprod_prev': alphas_cumprod_prev,                 # a-bar_{t-1}, with a-bar_0 = 1
+        'sqrt_alphas_cumprod': alphas_cumprod.sqrt(),               # sqrt(a-bar_t)
+        'sqrt_one_minus_alphas_cumprod': (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - a-bar_t)
+        'sqrt_recip_alphas_cumprod': alphas_cumprod.rsqrt(),        # 1 / sqrt(a-bar_t)
+        'sqrt_recipm1_alphas_cumprod': (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / a-bar_t - 1)
+        'posterior_variance': posterior_variance,                   # beta-tilde_t, Eq. (7)
+        'posterior_log_variance_clipped': torch.log(torch.cat([first, posterior_variance[1:]])),
+        'log_betas': betas.log(),                                   # log beta_t, the upper end of iDDPM Eq. 15
+        # mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t, Eq. (7)
+        'posterior_mean_coef1': betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        'posterior_mean_coef2': (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+    }
+
+
+def check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss):
+    """One clear ValueError for each impossible combination of DDPM options."""
+    if variance not in ('beta', 'posterior'):
+        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
+    if loss not in LOSSES:
+        raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+    if timesteps < 1 or (beta_schedule == 'linear' and not 0 < beta_start <= beta_end < 1):
+        raise ValueError('need timesteps >= 1 and 0 < beta_start <= beta_end < 1, got '
+                         f'timesteps={timesteps}, beta_start={beta_start}, beta_end={beta_end}')
+    if learn_sigma and loss == 'simple':
+        raise ValueError("learn_sigma=True needs loss='hybrid' or loss='vlb': L_simple does not train the variance")
+    if loss == 'hybrid' and not learn_sigma:
+        raise ValueError("loss='hybrid' needs learn_sigma=True (its VLB term trains only the variance)")
+    if learn_sigma and variance != 'beta':
+        raise ValueError(f"variance={variance!r} picks a fixed variance; drop it with learn_sigma=True")
 
 
 class DDPM(nn.Module):
-    """A diffusion model around `network(x_t, t) -> eps` with a linear beta schedule.
+    """A diffusion model around `network(x_t, t) -> eps` with a linear (or cosine) beta schedule.
 
     Args:
-        network: predicts the noise eps from (x_t, t), t a LongTensor [B] in 0..T-1.
+        network: predicts the noise eps from (x_t, t), t a LongTensor [B] in 0..T-1
+            (with learn_sigma, [eps, nu] stacked on the channels: 2C channels).
         timesteps: T, the number of diffusion steps.
         beta_start, beta_end: the linear schedule's beta_1 and beta_T.
-        variance: the reverse-process variance sigma_t^2 of the ancestral sampler:
+        variance: the fixed reverse-process variance sigma_t^2:
             'beta' (sigma_t^2 = beta_t, the paper's CIFAR-10 choice) or
-            'posterior' (sigma_t^2 = beta-tilde_t).
+            'posterior' (sigma_t^2 = beta-tilde_t). Unused with learn_sigma.
         image_shape: (C, H, W) of samples; read from the network's
             `in_channels` / `image_size` when it has them, else (3, 32, 32).
+        beta_schedule: 'linear' (Ho et al.) or 'cosine' (iDDPM Eq. 17).
+        learn_sigma: the network also outputs the variance (iDDPM Eq. 15).
+        loss: 'simple' (L_simple, Eq. 14), 'hybrid' (iDDPM Eq. 16; needs
+            learn_sigma) or 'vlb' (the variational bound itself).
+        betas: float64 betas that replace the named schedule (T = len(betas)).
     """
 
     def __init__(self, network, timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
-                 image_shape=None):
+                 image_shape=None, beta_schedule='linear', learn_sigma=False, loss='simple', betas=None):
         super().__init__()
-        if variance not in ('beta', 'posterior'):
-            raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
-        if timesteps < 1 or not 0 < beta_start <= beta_end < 1:
-            raise ValueError('need timesteps >= 1 and 0 < beta_start <= beta_end < 1, got '
-                             f'timesteps={timesteps}, beta_start={beta_start}, beta_end={beta_end}')
+        check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss)
         self.network = network
-        self.timesteps = timesteps
-        self.variance = variance
+        self.variance, self.beta_schedule, self.learn_sigma, self.loss_type = variance, beta_schedule, learn_sigma, loss
         self.image_shape = tuple(image_shape) if image_shape is not None else (
             getattr(network, 'in_channels', 3), getattr(network, 'image_size', 32), getattr(network, 'image_size', 32))
-
-        # The schedule in float64 (1 - a-bar_t is tiny at small t), stored as float32.
-        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        schedule = {
-            'betas': betas,                                             # beta_t
-            'alphas': alphas,                                           # alpha_t = 1 - beta_t
-            'alphas_cumprod': alphas_cumprod,                           # a-bar_t = prod_{s<=t} alpha_s
-            'alphas_cumprod_prev': alphas_cumprod_prev,                 # a-bar_{t-1}, with a-bar_0 = 1
-            'sqrt_alphas_cumprod': alphas_cumprod.sqrt(),               # sqrt(a-bar_t)
-            'sqrt_one_minus_alphas_cumprod': (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - a-bar_t)
-            'sqrt_recip_alphas_cumprod': alphas_cumprod.rsqrt(),        # 1 / sqrt(a-bar_t)
-            'sqrt_recipm1_alphas_cumprod': (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / a-bar_t - 1)
-            'posterior_variance': posterior_variance,                   # beta-tilde_t, Eq. (7)
-            # log beta-tilde_t; beta-tilde_1 = 0, so its log borrows beta-tilde_2.
-            'posterior_log_variance_clipped': torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
-            # mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t, Eq. (7)
-            'posterior_mean_coef1': betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            'posterior_mean_coef2': (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-        }
+        # `betas` (float64) overrides the named schedule: samplers.respaced builds a shorter chain this way.
+        self.betas64 = betas if betas is not None else make_betas(beta_schedule, timesteps, beta_start, beta_end)
+        self.timesteps = len(self.betas64)
         # Derived from the constructor's arguments, so not part of the state_dict.
-        for name, value in schedule.items():
+        for name, value in schedule_buffers(self.betas64).items():
             self.register_buffer(name, value.float(), persistent=False)
 
     # ----- forward process ------------------------------------------------------------------
@@ -141,24 +169,43 @@ class DDPM(nn.Module):
 
     # ----- training -------------------------------------------------------------------------
 
-    def loss(self, x_0, t=None, noise=None, labels=None):
-        """L_simple, Eq. (14): E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 with t uniform (Algorithm 1).
+    def loss(self, x_0, t=None, noise=None, reduction='mean', labels=None):
+        """The training objective at steps t (default uniform, Algorithm 1) and noise eps (default N(0, I)).
 
+        loss='simple': L_simple, Eq. (14), ||eps - eps_theta(x_t, t)||^2 averaged over pixels.
+        loss='vlb': T * L_{t-1} in bits/dim, an unbiased estimate of the bound's
+            sum over t for uniform t (iDDPM section 3.1).
+        loss='hybrid': L_simple + lambda * T * L_{t-1} with lambda = 0.001 (iDDPM
+            Eq. 16), the mean detached in the VLB term so that it trains only the variance.
+        reduction='none' gives one value per image (for importance weights); 'mean' their mean.
         labels: class labels of a class-conditional network, the null class where a
         label was dropped (classifier-free guidance's joint training, Algorithm 1 of
         Ho & Salimans); None for an unconditional one.
         """
+        if reduction not in ('mean', 'none'):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if t is None:
             t = torch.randint(0, self.timesteps, (x_0.shape[0],), device=x_0.device)
         if noise is None:
             noise = torch.randn_like(x_0)
         x_t = self.q_sample(x_0, t, noise)
-        eps_pred = self.network(x_t, t) if labels is None else self.network(x_t, t, labels)
-        return F.mse_loss(eps_pred.float(), noise)
+        if self.loss_type == 'simple' and reduction == 'mean':
+            eps_pred = self.network(x_t, t) if labels is None else self.network(x_t, t, labels)
+            return F.mse_loss(eps_pred.float(), noise)
+        eps_pred, nu = self.network_outputs(x_t, t, labels)
+        if self.loss_type == 'simple':
+            return (eps_pred - noise).pow(2).flatten(1).mean(1)
+        # Trained on the unclipped bound (clip_denoised=False), as the paper's code does.
+        if self.loss_type == 'vlb':
+            per_image = self.timesteps * self.vb_term_bpd(x_0, x_t, t, False, (eps_pred, nu))
+        else:
+            vb = self.vb_term_bpd(x_0, x_t, t, False, (eps_pred.detach(), nu))
+            per_image = (eps_pred - noise).pow(2).flatten(1).mean(1) + HYBRID_LAMBDA * self.timesteps * vb
+        return per_image.mean() if reduction == 'mean' else per_image
 
-    def forward(self, x_0, t=None, noise=None, labels=None):
+    def forward(self, x_0, t=None, noise=None, reduction='mean', labels=None):
         """The training loss, so that `model(x_0)` runs through DDP / torch.compile wrappers."""
-        return self.loss(x_0, t, noise, labels)
+        return self.loss(x_0, t, noise, reduction, labels)
 
     # ----- reverse process ------------------------------------------------------------------
 
@@ -180,41 +227,72 @@ class DDPM(nn.Module):
                              f'{labels.tolist()[:8]}')
         return labels
 
-    def predict_eps(self, x_t, t, labels=None, guidance_scale=0.0):
-        """The noise prediction every sampler uses, in float32.
+    def network_outputs(self, x_t, t, labels=None, guidance_scale=0.0):
+        """(eps_pred, nu) in float32: the noise prediction and, with learn_sigma, the raw variance output (else
+        None). Every sampler gets eps from here.
 
         labels None: eps_theta(x_t, t), which for a class-conditional network is its
         null class, i.e. the unconditional model. With labels c and guidance scale w,
         classifier-free guidance (Ho & Salimans 2022, Eq. 6):
             eps~ = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null),
-        both terms from ONE network call on the 2n-image batch [x_t; x_t]; w = 0 is the
-        conditional model alone (one call on n images).
+        both terms from ONE network call on the 2n-image batch [x_t; x_t], and nu from
+        the conditional half; w = 0 is the conditional model alone (one call on n images).
         """
         if labels is None:
             if guidance_scale:
                 raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
-            return self.network(x_t, t).float()
+            return self.split_outputs(self.network(x_t, t).float(), x_t)
         if not guidance_scale:
-            return self.network(x_t, t, labels).float()
+            return self.split_outputs(self.network(x_t, t, labels).float(), x_t)
         null = torch.full_like(labels, self.network.null_class)
-        eps_cond, eps_uncond = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                            torch.cat([labels, null])).float().chunk(2)
-        return (1.0 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
+        out_cond, out_null = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                          torch.cat([labels, null])).float().chunk(2)
+        (eps_cond, nu), (eps_null, _) = self.split_outputs(out_cond, x_t), self.split_outputs(out_null, x_t)
+        return (1.0 + guidance_scale) * eps_cond - guidance_scale * eps_null, nu
 
-    def p_mean_variance(self, x_t, t, clip_denoised=True, labels=None, guidance_scale=0.0):
+    def split_outputs(self, out, x_t):
+        """The network's output as (eps_pred, nu): nu is None unless learn_sigma stacks it on the channels."""
+        if not self.learn_sigma:
+            return out, None
+        if out.shape[1] != 2 * x_t.shape[1]:
+            raise ValueError(f'learn_sigma=True needs a network with 2 x {x_t.shape[1]} output channels (eps and '
+                             f'the variance), got {out.shape[1]}; build it with create_cifar10_ddpm(learn_sigma=True)')
+        return out.chunk(2, dim=1)
+
+    def predict_eps(self, x_t, t, labels=None, guidance_scale=0.0):
+        """eps_theta(x_t, t) alone (guided, given labels and guidance_scale: see network_outputs): what
+        deterministic samplers (DDIM) use, whatever else the network outputs."""
+        return self.network_outputs(x_t, t, labels, guidance_scale)[0]
+
+    def learned_log_variance(self, nu, t):
+        """iDDPM Eq. 15: log Sigma = v log beta_t + (1 - v) log beta-tilde_t, with v = (nu + 1) / 2.
+
+        The network's nu = 1 gives beta_t, nu = -1 beta-tilde_t (as in the paper's
+        code); nu is not clipped, so the variance can leave that range.
+        """
+        v = (nu + 1) / 2
+        return (v * extract(self.log_betas, t, nu.shape)
+                + (1 - v) * extract(self.posterior_log_variance_clipped, t, nu.shape))
+
+    def p_mean_variance(self, x_t, t, clip_denoised=True, outputs=None, labels=None, guidance_scale=0.0):
         """p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), with mu_theta from Eq. (11).
 
         mu_theta is written as the posterior mean mu-tilde_t(x_t, x_0_pred), which
         equals Eq. (11) exactly; clipping x_0_pred to [-1, 1] (as the paper's
-        released sampler does) is applied before it is used.
-        labels and guidance_scale: see `predict_eps`.
+        released sampler does) is applied before it is used. sigma_t^2 is fixed
+        (`variance`) or learned (iDDPM Eq. 15). `outputs` = (eps_pred, nu) skips
+        the network call (the losses pass them, with eps_pred detached for L_hybrid).
+        labels and guidance_scale: classifier-free guidance, see `network_outputs`.
         Returns (mean, variance, log_variance, x_0_pred).
         """
-        eps_pred = self.predict_eps(x_t, t, labels, guidance_scale)
+        eps_pred, nu = outputs if outputs is not None else self.network_outputs(x_t, t, labels, guidance_scale)
         x_0_pred = self.predict_x0_from_eps(x_t, t, eps_pred)
         if clip_denoised:
             x_0_pred = x_0_pred.clamp(-1.0, 1.0)
         mean, posterior_var, posterior_logvar = self.q_posterior(x_0_pred, x_t, t)
+        if nu is not None:
+            log_var = self.learned_log_variance(nu, t)
+            return mean, log_var.exp(), log_var, x_0_pred
         if self.variance == 'posterior':
             return mean, posterior_var, posterior_logvar, x_0_pred
         # sigma_t^2 = beta_t; at t = 1 use beta-tilde_2's place as the paper's code does
@@ -251,7 +329,8 @@ class DDPM(nn.Module):
                 (Algorithm 2); 'ddim' (Song et al. 2020) or 'dpm-solver'
                 (DPM-Solver++(2M), Lu et al. 2022) over `steps` steps.
             steps: network evaluations of 'ddim' (default T) and 'dpm-solver'
-                (default samplers.DEFAULT_DPM_SOLVER_STEPS); 'ddpm' always runs T.
+                (default samplers.DEFAULT_DPM_SOLVER_STEPS); for 'ddpm', fewer than T
+                walk a respaced chain (Improved DDPM section 4, samplers.respaced).
             eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's posterior noise.
             generator: a torch.Generator; the same seed gives the same samples.
             progress: show a tqdm progress bar over the steps.
@@ -264,7 +343,7 @@ class DDPM(nn.Module):
             labels: for a class-conditional model, the class of every sample (one int
                 for all, or n); None samples unconditionally (the null class).
             guidance_scale: w of classifier-free guidance, eps~ = (1 + w) eps(c) - w eps(null);
-                0 is the conditional model alone (see `predict_eps`).
+                0 is the conditional model alone (see `network_outputs`).
         """
         device = torch.device(device) if device is not None else self.betas.device
         self.to(device)
@@ -280,16 +359,17 @@ class DDPM(nn.Module):
 
     # ----- the variational bound, in bits/dim -----------------------------------------------
 
-    def vb_term_bpd(self, x_0, x_t, t, clip_denoised=True):
-        """One term of the variational bound, Eq. (5), in bits/dim, per image.
+    def vb_term_bpd(self, x_0, x_t, t, clip_denoised=True, outputs=None):
+        """One term of the variational bound, Eq. (5), in bits/dim (the mean over pixels, in bits), per image.
 
         For t > 1 (code t > 0): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)).
         For t = 1 (code t = 0): L_0 = -log p_theta(x_0 | x_1), the discretised Gaussian decoder.
         clip_denoised: p_theta's mean from the predicted x_0 clipped to [-1, 1], as the paper's
         released code evaluates the bound (its 3.70-3.75 bits/dim); both choices are valid bounds.
+        `outputs`: the network's (eps_pred, nu) at (x_t, t), if already computed.
         """
         true_mean, _, true_logvar = self.q_posterior(x_0, x_t, t)
-        mean, _, logvar, _ = self.p_mean_variance(x_t, t, clip_denoised=clip_denoised)
+        mean, _, logvar, _ = self.p_mean_variance(x_t, t, clip_denoised=clip_denoised, outputs=outputs)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
@@ -321,7 +401,9 @@ class DDPM(nn.Module):
 
 # ----- building and loading -------------------------------------------------------------------
 
-DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance')
+# The DDPM options a checkpoint's config carries; a config without one of them (an older
+# checkpoint) gets the default, which is the model it was trained as (linear, fixed variance, L_simple).
+DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance', 'beta_schedule', 'learn_sigma', 'loss')
 UNET_OPTIONS = tuple(p for p in inspect.signature(UNet).parameters)
 # Options added after checkpoints had been written: a stored config without the key
 # was trained with this value, not with the new default.
@@ -329,17 +411,21 @@ LEGACY_DEFAULTS = {'downsample_padding': 'symmetric'}
 
 
 def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
-                        **unet_overrides):
+                        beta_schedule='linear', learn_sigma=False, loss='simple', **unet_overrides):
     """The CIFAR-10 DDPM: a UNet of the named `arch` ('base', 'ddpm-paper' or 'tiny') inside a DDPM.
 
     Any UNet keyword (channels, num_res_blocks, time_emb_dim, attn_resolutions,
-    num_heads, dropout, image_size, in_channels, downsample_padding) overrides the arch's value.
+    num_heads, dropout, image_size, in_channels, downsample_padding) overrides the arch's value;
+    learn_sigma=True gives the UNet 2 x in_channels outputs (eps and the variance).
     """
     unknown = set(unet_overrides) - set(UNET_OPTIONS)
     if unknown:
         raise ValueError(f'unknown U-Net option(s) {sorted(unknown)}; valid: {list(UNET_OPTIONS)}')
+    if learn_sigma and 'out_channels' not in unet_overrides:
+        unet_overrides['out_channels'] = 2 * unet_overrides.get('in_channels', 3)
     network = build_unet(arch, **unet_overrides)
-    return DDPM(network, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, variance=variance)
+    return DDPM(network, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, variance=variance,
+                beta_schedule=beta_schedule, learn_sigma=learn_sigma, loss=loss)
 
 
 def model_kwargs(config):

@@ -400,7 +400,7 @@ def build_parser():
     s.add_argument('--sampler', choices=SAMPLERS, default='ddpm', help='see sample.py')
     s.add_argument('--steps', type=int, default=None,
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
-                        f'for dpm-solver)')
+                        f'for dpm-solver; ddpm: all T, fewer respace the chain)')
     s.add_argument('--spacing', choices=SPACINGS, default=None, help='see sample.py')
     s.add_argument('--eta', type=float, default=0.0, help='DDIM noise')
     s.add_argument('--seed', type=int, default=0, help='sampling seed; also seeds the noise of --bpd')

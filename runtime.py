@@ -1,7 +1,7 @@
 """Run-time plumbing shared by train.py, sample.py and evaluate.py (and nothing of the model's math).
 
 - where and how to run: `resolve_device`, `amp_dtype` / `autocast`, `use_channels_last`
-  (the defaults were measured in bench/), `keep_freed_memory`;
+  (the defaults were measured in bench/), `keep_freed_memory`, `GracefulStop` (SIGINT/SIGTERM);
 - the torchrun process group: `Distributed`, one setup and one timeout for every script;
 - files: `atomic_write` (crash-safe writes), JSON and sha256 helpers, `environment_info`;
 - command lines: did-you-mean hints, one-line errors, the help formatter and the
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 
@@ -112,6 +113,31 @@ def keep_freed_memory():
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ----- the process group --------------------------------------------------------------------

@@ -65,15 +65,11 @@ def batch_counts(num_samples, batch_size):
 
 
 def resolve_steps(model, sampler, steps):
-    """The number of network evaluations: T for 'ddpm'; `steps` (default DEFAULT_DDIM_STEPS for 'ddim',
-    DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver') otherwise."""
+    """The number of network evaluations: for 'ddpm' T, or `steps` (a respaced chain, iDDPM section 4);
+    otherwise `steps` (default DEFAULT_DDIM_STEPS for 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver')."""
     if sampler not in SAMPLERS:
         raise ValueError(f'sampler must be one of {SAMPLERS}, got {sampler!r}')
-    if sampler == 'ddpm':
-        if steps not in (None, model.timesteps):
-            raise ValueError(f"the 'ddpm' sampler runs all {model.timesteps} steps of this checkpoint; for fewer "
-                             f"steps use --sampler dpm-solver --steps {steps}, or --sampler ddim (--eta 1 makes "
-                             f"it stochastic)")
+    if sampler == 'ddpm' and steps is None:
         return model.timesteps
     if steps is None:
         steps = min(DEFAULT_DPM_SOLVER_STEPS if sampler == 'dpm-solver' else DEFAULT_DDIM_STEPS, model.timesteps)
@@ -157,18 +153,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
     world_size, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
     device = device if device is not None else next(model.parameters()).device
     model.to(device).eval()
-    store = PartialRun(parts_dir) if parts_dir else None
-
-    if store is not None:
-        error = None
-        if rank == 0:
-            try:
-                store.check_or_start(meta)
-            except ValueError as e:
-                error = str(e)
-        error = dist.broadcast(error) if dist is not None else error
-        if error:
-            raise ValueError(error)
+    store = open_parts(parts_dir, meta, dist, rank) if parts_dir else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
 
@@ -197,16 +182,39 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
                               labels=labels[start:start + counts[i]] if labels is not None else None,
                               guidance_scale=guidance_scale)
         if out_dir:
-            from PIL import Image
-            for j, image in enumerate(images):
-                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
-                    os.path.join(out_dir, f'{start + j:06d}.png'))
+            save_pngs(images, out_dir, first_index=start)
         if store is not None:
             store.save(i, images)
         if store is None or rank == 0:
             done[i] = images
+    return assemble(done, counts, store, dist, rank)
 
-    if dist is not None and world_size > 1:
+
+def open_parts(parts_dir, meta, dist, rank):
+    """The PartialRun of parts_dir, started or checked against `meta` by rank 0; its verdict is every rank's."""
+    store, error = PartialRun(parts_dir), None
+    if rank == 0:
+        try:
+            store.check_or_start(meta)
+        except ValueError as e:
+            error = str(e)
+    error = dist.broadcast(error) if dist is not None else error
+    if error:
+        raise ValueError(error)
+    return store
+
+
+def save_pngs(images, out_dir, first_index):
+    """uint8 [N, H, W, C] as out_dir/NNNNNN.png, numbered from first_index."""
+    from PIL import Image
+    for j, image in enumerate(images):
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+            os.path.join(out_dir, f'{first_index + j:06d}.png'))
+
+
+def assemble(done, counts, store, dist, rank):
+    """All batches in order on rank 0 (None elsewhere): gathered from the ranks, or read from the parts."""
+    if dist is not None and dist.world_size > 1:
         if store is None:   # nothing on disk: send the images to rank 0
             gathered = dist.gather(done)
             done = {i: images for part in gathered for i, images in part.items()} if rank == 0 else done
@@ -313,9 +321,8 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     wanted = sorted({min(visited, key=lambda v: abs(v - target))
                      for target in np.linspace(T, 0, columns)}, reverse=True)
     frames = {T: x_T.to(device)} if T in wanted else {}
-    chain = model.sample_progressive(n, device, sampler, steps if sampler != 'ddpm' else None, eta, generator,
-                                     progress, x_T=x_T, spacing=spacing, labels=labels,
-                                     guidance_scale=guidance_scale)
+    chain = model.sample_progressive(n, device, sampler, steps, eta, generator, progress, x_T=x_T, spacing=spacing,
+                                     labels=labels, guidance_scale=guidance_scale)
     with autocast(device, amp_dtype(amp, device)):
         for i, (step, x, _) in enumerate(chain):
             t = visited[i + 1] if step >= 0 else 0
@@ -355,7 +362,8 @@ def build_parser():
                         'dpm-solver: DPM-Solver++(2M), Lu et al. 2022 (fast; see README)')
     p.add_argument('--steps', type=int, default=None,
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
-                        f'for dpm-solver); the ddpm sampler always runs all T')
+                        f'for dpm-solver); for ddpm (default all T) fewer steps respace the chain (Nichol & '
+                        f'Dhariwal 2021, section 4)')
     p.add_argument('--spacing', choices=SPACINGS, default=None,
                    help='which steps ddim and dpm-solver visit: uniform or quadratic in t, or logsnr (uniform in '
                         'log-SNR); default: uniform for ddim, logsnr for dpm-solver')

@@ -1,6 +1,7 @@
 """The reverse process: one sampler per function, each read against its paper.
 
-    ddpm_step        Ho et al. 2020, Algorithm 2: ancestral sampling over all T steps
+    ddpm_step        Ho et al. 2020, Algorithm 2: ancestral sampling over all T steps, or over a uniform
+                     sub-sequence of them with `steps` (`respaced`, Nichol & Dhariwal 2021 section 4)
     ddim_step        Song et al. 2020 (arXiv:2010.02502), Eq. (12): a sub-sequence tau of the steps
     dpm_solver_step  Lu et al. 2022 (arXiv:2211.01095), Algorithm 2, DPM-Solver++(2M): a second-order
                      multistep solver of the probability-flow ODE in its data-prediction form
@@ -8,9 +9,11 @@
 `sample_loop` runs a sampler from x_T ~ N(0, I) down to x_0 and yields every
 x_t on the way; `DDPM.sample` and `DDPM.sample_progressive` are its public
 entry points. Each function takes the DDPM first and uses only its schedule
-buffers and its noise predictor `model.predict_eps(x_t, t, **cond)`, where `cond`
-holds the class labels and guidance scale of a class-conditional model (empty
-for an unconditional one), so guidance reaches every sampler through one place.
+buffers, `model.p_mean_variance` (the ancestral step's mean and, fixed or learned,
+variance) and `model.predict_eps(x_t, t)` (the deterministic samplers' noise prediction),
+both read from `model.network_outputs`. `cond` holds the class labels and guidance
+scale of a class-conditional model (None for an unconditional one) and is passed to
+them as keywords, so classifier-free guidance reaches every sampler through that one place.
 
 The fast samplers visit `steps` integer steps (the network is discrete-time),
 chosen by `spaced_timesteps`: 'uniform' in t (DDIM's default), 'quadratic' in t
@@ -22,6 +25,7 @@ lambda_t = log(sqrt(a-bar_t) / sqrt(1 - a-bar_t)) (DPM-Solver's default).
 import math
 
 import torch
+import torch.nn as nn
 
 SAMPLERS = ('ddpm', 'ddim', 'dpm-solver')
 SPACINGS = ('uniform', 'quadratic', 'logsnr')
@@ -52,8 +56,8 @@ def resolve_spacing(sampler, spacing, eta=0.0):
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f'spacing must be one of {SPACINGS}, got {spacing!r}')
     if sampler == 'ddpm' and spacing is not None:
-        raise ValueError(f"the 'ddpm' sampler visits every step, so spacing={spacing!r} does not apply; "
-                         f"spacing is for 'ddim' and 'dpm-solver'")
+        raise ValueError(f"the 'ddpm' sampler visits every step (or, respaced, uniform ones), so "
+                         f"spacing={spacing!r} does not apply; spacing is for 'ddim' and 'dpm-solver'")
     if sampler == 'dpm-solver' and eta:
         raise ValueError(f"eta={eta:g} is DDIM's noise; 'dpm-solver' solves the deterministic ODE (use eta=0)")
     return spacing or DEFAULT_SPACING.get(sampler)
@@ -62,9 +66,6 @@ def resolve_spacing(sampler, spacing, eta=0.0):
 def check_options(timesteps, sampler, steps, spacing=None, eta=0.0):
     """Raise a one-line ValueError for an unknown sampler or spacing, or steps outside 1..T."""
     resolve_spacing(sampler, spacing, eta)
-    if sampler == 'ddpm' and steps not in (None, timesteps):
-        raise ValueError(f"the 'ddpm' sampler runs all {timesteps} steps; for fewer steps use "
-                         f"sampler='dpm-solver' or 'ddim', steps={steps} (DDIM with eta=1.0 is stochastic)")
     if steps is not None and not 1 <= steps <= timesteps:
         raise ValueError(f'steps must be between 1 and timesteps={timesteps}, got {steps}')
 
@@ -109,11 +110,39 @@ def ddim_timesteps(timesteps, steps):
 
 def timestep_sequence(model, sampler, steps, spacing=None):
     """The steps a sampler visits, from T-1 down to 0, as a CPU LongTensor (spacing None: the sampler's)."""
-    if sampler == 'ddpm':
+    if sampler == 'ddpm' and steps in (None, model.timesteps):
         return torch.arange(model.timesteps - 1, -1, -1)
-    spacing = spacing or DEFAULT_SPACING[sampler]
+    spacing = spacing or DEFAULT_SPACING.get(sampler, 'uniform')   # a respaced 'ddpm' chain: uniform
     log_snr = half_log_snr(model) if spacing == 'logsnr' else None
     return spaced_timesteps(model.timesteps, steps, spacing, log_snr).flip(0)
+
+
+class OriginalSteps(nn.Module):
+    """The network of a respaced chain: its step i is the original model's step `steps[i]`."""
+
+    def __init__(self, network, steps):
+        super().__init__()
+        self.network = network
+        self.register_buffer('steps', steps, persistent=False)
+        # A class-conditional network stays one: guidance reads these.
+        self.num_classes, self.null_class = getattr(network, 'num_classes', None), getattr(network, 'null_class', None)
+
+    def forward(self, x_t, i, *labels):
+        return self.network(x_t, self.steps.to(i.device)[i], *labels)
+
+
+def respaced(model, steps):
+    """Improved DDPM, section 4: the DDPM over the sub-sequence S of `steps` uniform steps (as DDIM's tau).
+
+    Its betas are beta_i = 1 - a-bar_{S_i} / a-bar_{S_{i-1}} (float64, from the model's
+    own schedule), so its a-bar_i equals the original a-bar_{S_i}; beta-tilde and the
+    learned variance's interpolation (iDDPM Eq. 15) follow from these betas.
+    """
+    seq = ddim_timesteps(model.timesteps, steps)
+    abar = torch.cumprod(1.0 - model.betas64, dim=0)[seq]
+    betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return type(model)(OriginalSteps(model.network, seq), variance=model.variance, image_shape=model.image_shape,
+                       learn_sigma=model.learn_sigma, loss=model.loss_type, betas=betas).to(model.betas.device)
 
 
 def ddpm_step(model, x_t, t, step, generator, clip_denoised, cond=None):
@@ -181,8 +210,11 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
 
     steps None: all T for 'ddpm' and 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver'; spacing None and
     clip_denoised None: the sampler's defaults (DEFAULT_SPACING, CLIPS_BY_DEFAULT). labels (a LongTensor
-    [n] or None) and guidance_scale: classifier-free guidance, see DDPM.predict_eps.
+    [n] or None) and guidance_scale: classifier-free guidance, see DDPM.network_outputs.
     """
+    if labels is None and guidance_scale:
+        raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
+    cond = None if labels is None else {'labels': labels, 'guidance_scale': guidance_scale}
     check_options(model.timesteps, sampler, steps, spacing, eta)
     if clip_denoised is None:
         clip_denoised = CLIPS_BY_DEFAULT[sampler]
@@ -190,18 +222,18 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
     x = x_T.to(device) if x_T is not None else draw_noise((n, *model.image_shape), generator, device)
     seq = timestep_sequence(model, sampler, steps, spacing).tolist()
     coefs = dpm_solver_coefficients(model, seq) if sampler == 'dpm-solver' else None   # before the loop: no syncs in it
+    # 'ddpm' over fewer than T steps walks a respaced chain, whose own step index runs K-1..0.
+    chain = respaced(model, steps) if sampler == 'ddpm' and len(seq) < model.timesteps else model
     bar = seq
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(seq, desc=f'sampling ({sampler}, {len(seq)} steps)', leave=False)
-    cond = {} if labels is None else {'labels': labels, 'guidance_scale': guidance_scale}
-    if labels is None and guidance_scale:
-        raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
     x_0_pred = None
     for i, step in enumerate(bar):
-        t = torch.full((n,), step, device=device, dtype=torch.long)
+        index = step if chain is model else len(seq) - 1 - i
+        t = torch.full((n,), index, device=device, dtype=torch.long)
         if sampler == 'ddpm':
-            x, x_0_pred = ddpm_step(model, x, t, step, generator, clip_denoised, cond)
+            x, x_0_pred = ddpm_step(chain, x, t, index, generator, clip_denoised, cond)
         elif sampler == 'ddim':
             prev = seq[i + 1] if i + 1 < len(seq) else -1
             x, x_0_pred = ddim_step(model, x, t, step, prev, eta, generator, clip_denoised, cond)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from checkpoint import CheckpointError, load_checkpoint
-from diffusion import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS
+from diffusion import BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, UNET_OPTIONS, check_model_options
 from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest
 from samplers import DEFAULT_DDIM_STEPS, SAMPLERS
 from train_util import TrainLoop, plain
@@ -81,6 +81,10 @@ def train_ddpm(
     beta_start: float = 1e-4,         # beta_1 of the linear schedule
     beta_end: float = 0.02,           # beta_T of the linear schedule
     variance: str = 'beta',           # sampler variance: 'beta' (the paper's) | 'posterior' (beta-tilde)
+    beta_schedule: str = 'linear',    # 'linear' (the paper's) | 'cosine' (Improved DDPM; ignores beta_start/end)
+    learn_sigma: bool = False,        # the U-Net also outputs the reverse variance (Improved DDPM); needs a loss below
+    loss: str = 'simple',             # 'simple' (the paper's L_simple) | 'hybrid' (+ 0.001 L_vlb) | 'vlb'
+    importance_sampling: bool = False,  # loss='vlb' only: draw t with p_t ~ sqrt(E[L_t^2]) (Improved DDPM 3.3)
     class_cond: bool = False,         # class-conditional model for classifier-free guidance, labels from the dataset
     p_uncond: float = 0.1,            # with class_cond: probability that a label is dropped to the null class
 ):
@@ -127,10 +131,16 @@ def validate_config(c):
     if c['warmup_steps'] < 0 or c['grad_clip'] < 0 or c['num_samples'] < 0:
         raise ValueError('warmup_steps, grad_clip and num_samples must not be negative')
     choices = {'dataset': ('cifar10', 'folder', 'synthetic'), 'amp': AMP_CHOICES,
-               'sample_sampler': SAMPLERS, 'variance': ('beta', 'posterior')}
+               'sample_sampler': SAMPLERS, 'variance': ('beta', 'posterior'), 'beta_schedule': BETA_SCHEDULES,
+               'loss': LOSSES}
     for key, valid in choices.items():
         if c[key] not in valid:
             raise ValueError(f'{key} must be one of {valid}, got {c[key]!r}')
+    check_model_options(c['timesteps'], c['beta_start'], c['beta_end'], c['variance'], c['beta_schedule'],
+                  c['learn_sigma'], c['loss'])
+    if c['importance_sampling'] and c['loss'] != 'vlb':
+        raise ValueError(f"importance_sampling=True needs loss='vlb' (it samples t for the bound), got "
+                         f"loss={c['loss']!r}")
 
 
 def find_resume_checkpoint(resume, checkpoint_dir, say):

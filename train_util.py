@@ -4,7 +4,7 @@
         __init__     the run's state: model, EMA copy, optimizer, data, logs (resumed from ckpt if given)
         run          Algorithm 1 of Ho et al. 2020 plus bookkeeping: batches -> run_step -> log_step,
                      checkpoints and sample grids at epoch ends, a clean stop on SIGINT/SIGTERM
-        run_step     one optimizer step on L_simple: noise from (seed, step), forward/backward over
+        run_step     one optimizer step on the loss: noise from (seed, step), forward/backward over
                      micro-batches, gradient clipping, the NaN/inf skip, Adam, the EMA update;
                      with class_cond, labels dropped to the null class with probability p_uncond
         log_step     TensorBoard scalars and the progress line
@@ -15,15 +15,14 @@ Reproducibility: the data order and flips come from (seed, epoch), the t and eps
 every step from (seed, step) over the global batch (so do the dropped labels of a
 class-conditional run, from a stream of their own), and dropout from (seed, step, rank),
 so a resumed run continues exactly, and N ranks or accum_steps micro-batches see
-exactly the batch one process would.
+exactly the batch one process would. With importance_sampling, t also depends on the loss
+history (timestep_sampler.ImportanceSampler), which every rank holds whole and checkpoints carry.
 """
 
 import copy
-import hashlib
 import json
 import math
 import os
-import signal
 import time
 from contextlib import closing, nullcontext
 
@@ -33,8 +32,9 @@ import torch.distributed as torch_dist
 from checkpoint import load_model_state, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import create_cifar10_ddpm, model_kwargs
-from runtime import amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
+from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
 from samplers import class_grid_order, cycled_labels
+from timestep_sampler import ImportanceSampler, step_noise, stream_seed
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -44,29 +44,6 @@ def plain(value):
     if isinstance(value, tuple):
         return list(value)
     return str(value) if isinstance(value, torch.device) else value
-
-
-def stream_seed(stream, seed, step, rank=0):
-    """A 63-bit seed for one random stream ('noise', 'dropout') at (seed, step, rank).
-
-    Hashing the stream's name with its coordinates keeps streams apart: no
-    (step, rank) of one stream can land on another's seed, as sums of scaled
-    integers can (seed * a + step * b + rank meets seed * a + step' at step' = b * step + rank).
-    """
-    digest = hashlib.sha256(f'{stream}/{seed}/{step}/{rank}'.encode()).digest()
-    return int.from_bytes(digest[:8], 'little') >> 1
-
-
-def step_noise(generator, seed, step, global_batch, shape, timesteps):
-    """t and eps for every image of the global batch at this step, drawn from (seed, step) alone.
-
-    `generator` lives on the training device, so on a GPU the noise is drawn there
-    (no host work or copy in the step); re-seeding it is cheap and needs no sync.
-    """
-    generator.manual_seed(stream_seed('noise', seed, step))
-    t = torch.randint(0, timesteps, (global_batch,), generator=generator, device=generator.device)
-    eps = torch.randn((global_batch, *shape), generator=generator, device=generator.device)
-    return t, eps
 
 
 def dropped_labels(generator, seed, step, labels, p_uncond, null_class, global_batch=None, rank=0):
@@ -95,31 +72,6 @@ def ema_decay_at(step, ema_decay):
     return min(ema_decay, (1.0 + step) / (10.0 + step))
 
 
-class GracefulStop:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
-
-    def __init__(self):
-        self.requested = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class TrainLoop:
     """One training run; see the module docstring for the parts."""
 
@@ -146,6 +98,9 @@ class TrainLoop:
         self.grid_made_at = None
         self.latest_path = os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth')
         self.noise_generator = torch.Generator(device=self.device)
+        self.t_sampler = ImportanceSampler(c['timesteps']) if c.get('importance_sampling') else None
+        if self.t_sampler is not None and ckpt is not None and ckpt.get('timestep_sampler') is not None:
+            self.t_sampler.load_state_dict(ckpt['timestep_sampler'])
         self.cond_generator = torch.Generator(device=self.device) if c['class_cond'] else None
         self.log_t, self.log_images, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
         self._open_logs()
@@ -293,16 +248,17 @@ class TrainLoop:
         c, rank, per_rank = self.c, self.dist.rank, self.per_rank
         x_0 = x_0.contiguous(memory_format=self.memory_format)
         # t and eps for the global batch from (seed, step); this rank takes its slice.
-        t_all, eps_all = step_noise(self.noise_generator, c['seed'], self.step, c['batch_size'],
-                                    tuple(self.images.shape[1:]), c['timesteps'])
-        t, eps = t_all[rank * per_rank:(rank + 1) * per_rank], eps_all[rank * per_rank:(rank + 1) * per_rank]
+        t_all, eps_all, w_all = step_noise(self.noise_generator, c['seed'], self.step, c['batch_size'],
+                                           tuple(self.images.shape[1:]), c['timesteps'], self.t_sampler)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        t, eps, weights = t_all[mine], eps_all[mine], w_all[mine] if w_all is not None else None
         if labels is not None:
             labels = dropped_labels(self.cond_generator, c['seed'], self.step, labels, c['p_uncond'],
                                     self.raw_model.network.null_class, c['batch_size'], rank)
         torch.manual_seed(stream_seed('dropout', c['seed'], self.step, rank))
         for group in self.optimizer.param_groups:
             group['lr'] = c['lr'] * min(1.0, (self.step + 1) / max(1, c['warmup_steps']))
-        loss = self.forward_backward(x_0, t, eps, labels)
+        loss, per_image = self.forward_backward(x_0, t, eps, weights, labels)
         self.scaler.unscale_(self.optimizer)   # clip the true gradients (a no-op without fp16)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'] if c['grad_clip'] > 0 else math.inf)
         # A NaN/inf loss can come with finite gradients (e.g. a NaN added outside the graph): check both.
@@ -312,6 +268,8 @@ class TrainLoop:
             self.scaler.step(self.optimizer)   # optimizer.step(), through the scaler when it is on
             ema_update(self.ema_params, self.params, ema_decay_at(self.step, c['ema_decay']))
             self.bad_in_a_row = 0
+            if self.t_sampler is not None:
+                self.t_sampler.update(t_all, per_image, self.dist.world_size)
         elif loss_ok and self.scaler.is_enabled():
             # fp16 loss scaling overflowed: the scaler lowers its scale and the step is skipped.
             # That is the scaler's normal search for a scale, not a NaN failure.
@@ -328,20 +286,29 @@ class TrainLoop:
         self.bar.update(1)
         return loss, grad_norm, finite
 
-    def forward_backward(self, x_0, t, eps, labels=None):
-        """L_simple over accum_steps micro-batches, gradients summed as for one batch; returns the mean loss."""
-        accum, micro, loss_value = self.c['accum_steps'], self.micro, 0.0
+    def forward_backward(self, x_0, t, eps, weights=None, labels=None):
+        """The loss over accum_steps micro-batches, gradients summed as for one batch.
+
+        Returns the mean loss and, for importance sampling, this rank's per-image losses (else None).
+        """
+        accum, micro, loss_value, per_image = self.c['accum_steps'], self.micro, 0.0, []
         for m in range(accum):
             sl = slice(m * micro, (m + 1) * micro)
             sync = m == accum - 1 or self.dist.world_size == 1
             no_sync = not sync and hasattr(self.train_module, 'no_sync')
             with self.train_module.no_sync() if no_sync else nullcontext(), autocast(self.device,
                                                                                      self.autocast_dtype):
-                loss = (self.train_module(x_0[sl], t[sl], eps[sl]) if labels is None else
-                        self.train_module(x_0[sl], t[sl], eps[sl], labels[sl]))
+                # Class labels as a keyword only when there are some: the unconditional call is unchanged.
+                cond = {} if labels is None else {'labels': labels[sl]}
+                if self.t_sampler is None:
+                    loss = self.train_module(x_0[sl], t[sl], eps[sl], **cond)
+                else:   # weights 1 / (T p_t) keep the weighted mean an unbiased estimate of the bound
+                    losses = self.train_module(x_0[sl], t[sl], eps[sl], 'none', **cond)
+                    per_image.append(losses.detach().float())
+                    loss = (losses * weights[sl]).mean() if weights is not None else losses.mean()
             self.scaler.scale(loss / accum).backward()
             loss_value += loss.detach() / accum
-        return loss_value
+        return loss_value, torch.cat(per_image) if per_image else None
 
     def agree(self, loss_ok, grads_ok):
         """(loss finite, gradients finite) on every rank. Under DDP one collective a step settles both and
@@ -436,6 +403,8 @@ class TrainLoop:
                  'scale_skipped': self.scale_skipped, 'environment': self.env}
         if self.scaler.is_enabled():
             state['scaler_state_dict'] = self.scaler.state_dict()
+        if self.t_sampler is not None:
+            state['timestep_sampler'] = self.t_sampler.state_dict()
         if tag_epoch is not None:
             save_checkpoint(state, os.path.join(self.c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
         return save_checkpoint(state, self.latest_path)

@@ -249,12 +249,14 @@ class UNet(nn.Module):
     embedding of the class c, added to the time embedding, with one extra row
     (index num_classes, `null_class`) for "no class", which the same network learns
     by training on labels dropped at random.
+    out_channels (default in_channels) widens the output, e.g. to eps and a variance.
     """
 
     def __init__(self, in_channels=3, channels=(64, 128, 256), num_res_blocks=2, time_emb_dim=128,
                  attn_resolutions=(16, 8), num_heads=4, dropout=0.1, image_size=32, downsample_padding='same',
-                 num_classes=None):
+                 out_channels=None, num_classes=None):
         super().__init__()
+        out_channels = out_channels or in_channels  # 2 * in_channels for eps and a variance (Nichol & Dhariwal 2021)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f'num_classes must be a positive integer or None (unconditional), got {num_classes!r}')
         channels, attn_resolutions = tuple(channels), tuple(attn_resolutions)
@@ -274,7 +276,8 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
                            time_emb_dim=time_emb_dim, attn_resolutions=attn_resolutions,
                            num_heads=num_heads, dropout=dropout, image_size=image_size,
-                           downsample_padding=downsample_padding, num_classes=num_classes)
+                           downsample_padding=downsample_padding, out_channels=out_channels,
+                           num_classes=num_classes)
         self.in_channels, self.image_size = in_channels, image_size
         self.num_classes = num_classes
 
@@ -307,7 +310,7 @@ class UNet(nn.Module):
             resolution = resolution * 2 if i > 0 else resolution
 
         self.norm_out = group_norm(ch)
-        self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     @property
     def null_class(self):

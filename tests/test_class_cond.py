@@ -137,9 +137,9 @@ def test_labels_are_dropped_to_the_null_class_in_training(tmp_path, classes_fold
     seen = []
     loss = DDPM.loss
 
-    def spy(self, x_0, t=None, noise=None, labels=None):
+    def spy(self, x_0, t=None, noise=None, reduction='mean', labels=None):
         seen.append(labels.clone())
-        return loss(self, x_0, t, noise, labels)
+        return loss(self, x_0, t, noise, reduction, labels)
     monkeypatch.setattr(DDPM, 'loss', spy)
     run(tmp_path, classes_folder, num_epochs=4, num_samples=0, p_uncond=0.5)
     seen = torch.cat(seen)

@@ -428,10 +428,11 @@ def test_sample_runs_in_eval_mode_and_restores_mode(training):
 
 
 def test_sampler_argument_errors():
-    """'ddpm' runs all T steps, so fewer steps is an error; unknown sampler names are errors."""
+    """More steps than T is an error for both samplers ('ddpm' with fewer respaces, test_iddpm.py);
+    unknown sampler names are errors."""
     model = DDPM(Recorder(), timesteps=20, image_shape=(1, 4, 4))
     with pytest.raises(ValueError):
-        model.sample(1, sampler='ddpm', steps=10, progress=False)
+        model.sample(1, sampler='ddpm', steps=21, progress=False)
     with pytest.raises(ValueError):
         model.sample(1, sampler='euler', progress=False)
     with pytest.raises(ValueError):
@@ -595,7 +596,7 @@ def test_decoder_bins_are_the_exact_gaussian_integrals_within_the_tanh_error():
     (a difference of two CDF values) may be off by twice that, and no more."""
     from scipy.stats import norm
 
-    from diffusion import approx_standard_normal_cdf, discretized_gaussian_log_likelihood
+    from losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood
     z = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
     cdf_error = float((approx_standard_normal_cdf(z) - torch.from_numpy(norm.cdf(z.numpy()))).abs().max())
     assert cdf_error < 1.8e-4

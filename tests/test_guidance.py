@@ -131,7 +131,8 @@ class TwoCallGuidance(nn.Module):
         return (1 + self.w) * eps_c - self.w * eps_null
 
 
-@pytest.mark.parametrize('sampler, steps', [('ddpm', None), ('ddim', 4), ('dpm-solver', 4)])
+@pytest.mark.parametrize('sampler, steps', [('ddpm', None), ('ddpm', 5), ('ddim', 4), ('dpm-solver', 4)],
+                         ids=['ddpm', 'ddpm-respaced', 'ddim', 'dpm-solver'])
 def test_every_sampler_gets_the_guided_eps_in_one_call_of_2n_per_step(sampler, steps):
     net = CountingNet(randomize(small_unet(num_classes=3)))
     model = DDPM(net, timesteps=40)
@@ -142,6 +143,19 @@ def test_every_sampler_gets_the_guided_eps_in_one_call_of_2n_per_step(sampler, s
     reference = DDPM(TwoCallGuidance(net.net, labels, 2.0), timesteps=40).sample(
         3, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0), progress=False)
     torch.testing.assert_close(x, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_learned_variance_comes_from_the_conditional_half():
+    """learn_sigma stacks [eps, nu] on the channels: only eps is guided, nu is the conditional call's."""
+    net = randomize(small_unet(num_classes=3, out_channels=6))
+    model = DDPM(net, timesteps=100, learn_sigma=True, loss='hybrid')
+    x, t, labels, w = torch.randn(2, 3, 8, 8), torch.tensor([10, 70]), torch.tensor([1, 2]), 3.0
+    with torch.no_grad():
+        eps, nu = model.network_outputs(x, t, labels, w)
+        eps_c, nu_c = net(x, t, labels).chunk(2, dim=1)
+        eps_null, _ = net(x, t, torch.full((2,), 3)).chunk(2, dim=1)
+    torch.testing.assert_close(eps, (1 + w) * eps_c - w * eps_null, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nu, nu_c, rtol=1e-5, atol=1e-5)
 
 
 def test_labels_are_checked_in_one_line():

@@ -200,7 +200,7 @@ def test_bad_input_is_one_line_error_without_traceback(ckpt, tmp_path):
     assert proc.stderr.strip() == f'error: checkpoint not found: {missing}'
     assert 'Traceback' not in proc.stderr
 
-    code = sample.main(['--checkpoint', ckpt, '--steps', '5', '--device', 'cpu', '--quiet'])
+    code = sample.main(['--checkpoint', ckpt, '--steps', '100000', '--device', 'cpu', '--quiet'])
     assert code == 2
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'not a checkpoint')
