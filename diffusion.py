@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import guidance
 import samplers
 from losses import discretized_gaussian_log_likelihood, normal_kl  # noqa: F401 (also public here)
 from model.Blocks import UNet, build_unet
@@ -214,19 +215,6 @@ class DDPM(nn.Module):
         """The classes of a class-conditional network; None when it is unconditional."""
         return getattr(self.network, 'num_classes', None)
 
-    def class_labels(self, labels, n, device):
-        """`labels` (None, one int, or n ints in 0..num_classes-1) as a LongTensor [n] on `device`, or None."""
-        if labels is None:
-            return None
-        if self.num_classes is None:
-            raise ValueError('this model is unconditional (trained without class_cond), so it takes no class '
-                             'labels; drop labels / --class_label')
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1).expand(n)
-        if labels.shape[0] != n or not bool(((labels >= 0) & (labels < self.num_classes)).all()):
-            raise ValueError(f'need {n} class labels in 0..{self.num_classes - 1} (or one for all), got '
-                             f'{labels.tolist()[:8]}')
-        return labels
-
     def network_outputs(self, x_t, t, labels=None, guidance_scale=0.0):
         """(eps_pred, nu) in float32: the noise prediction and, with learn_sigma, the raw variance output (else
         None). Every sampler gets eps from here.
@@ -313,7 +301,7 @@ class DDPM(nn.Module):
         See `sample` for the arguments; the samplers themselves are in samplers.py.
         """
         device = torch.device(device) if device is not None else self.betas.device
-        labels = self.class_labels(labels, n, device)
+        labels = guidance.check_labels(labels, n, self.num_classes, device)
         yield from samplers.sample_loop(self, n, device, sampler, steps, eta, generator, progress, clip_denoised,
                                         x_T, spacing, labels, guidance_scale)
 

@@ -39,11 +39,12 @@ import torch
 from checkpoint import load_model
 from data.image_folder import save_npz
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
+from guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
 from sample_store import PartialRun, reuse_complete_npz, run_meta
-from runtime import (DEFAULT_AMP, Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, closest,
-                     file_sha256, resolve_device, run_cli, write_json)
-from samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, class_grid_order,
-                      cycled_labels, resolve_spacing, timestep_sequence)
+from runtime import (DEFAULT_AMP, Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256,
+                     resolve_device, run_cli, write_json)
+from samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_spacing,
+                      timestep_sequence)
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
@@ -76,41 +77,6 @@ def resolve_steps(model, sampler, steps):
     if not 1 <= steps <= model.timesteps:
         raise ValueError(f'--steps must be between 1 and the checkpoint\'s timesteps={model.timesteps}, got {steps}')
     return steps
-
-
-def resolve_class_label(model, class_names, class_label, guidance_scale=0.0):
-    """The class index of --class_label (an int, a digit string or a class name), 'all', or None; a one-line
-    ValueError for a label the checkpoint cannot take."""
-    if class_label is None:
-        if guidance_scale:
-            raise ValueError(f'--guidance_scale {guidance_scale:g} needs a class to guide towards: add '
-                             f'--class_label or --classes all')
-        return None
-    if model.num_classes is None:
-        raise ValueError('this checkpoint is unconditional (trained without --class_cond), so it takes no '
-                         '--class_label / --classes; drop them')
-    if guidance_scale < 0:
-        raise ValueError(f'--guidance_scale must not be negative, got {guidance_scale:g}')
-    if class_label == 'all':
-        return 'all'
-    names = list(class_names or [])
-    if isinstance(class_label, str) and not class_label.isdigit():
-        if class_label not in names:
-            raise ValueError(f'unknown class {class_label!r}{closest(class_label, names)}; this checkpoint\'s '
-                             f'classes: {names or list(range(model.num_classes))}')
-        return names.index(class_label)
-    if not 0 <= int(class_label) < model.num_classes:
-        raise ValueError(f'--class_label must be in 0..{model.num_classes - 1}, got {class_label}')
-    return int(class_label)
-
-
-def run_labels(class_label, num_samples, num_classes):
-    """The class of every image of a run (a LongTensor [N]), or None for unconditional sampling."""
-    if class_label is None:
-        return None
-    if class_label == 'all':
-        return cycled_labels(num_samples, num_classes)
-    return torch.full((num_samples,), class_label, dtype=torch.long)
 
 
 # ----- sampling -------------------------------------------------------------------------------
@@ -248,7 +214,7 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
     try:
         model, info = load_model(checkpoint, ema=ema, device=device)
         steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
-        class_label = resolve_class_label(model, info.get('class_names'), class_label, guidance_scale)
+        class_label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, guidance_scale)
         labels = run_labels(class_label, num_samples, model.num_classes)
         info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
         meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing, class_label,
@@ -335,7 +301,7 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
 def class_rows(images, labels, class_label):
     """(images, nrow) for the grid: with --classes all one row per class (class_grid_order), else the first
     GRID_MAX_IMAGES images in a square."""
-    if class_label != 'all':
+    if class_label != ALL_CLASSES:
         return images[:GRID_MAX_IMAGES], None
     order, nrow = class_grid_order(labels, int(labels.max()) + 1 if len(labels) else 1)
     return images[order.numpy()][:GRID_MAX_IMAGES], nrow
@@ -432,7 +398,7 @@ def run(args):
     if args.trajectory and rank == 0:
         model, info = load_model(args.checkpoint, ema=args.ema, device=device)
         n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
-        label = resolve_class_label(model, info.get('class_names'), class_label, args.guidance_scale)
+        label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, args.guidance_scale)
         ts, frames = trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,
                                 progress=progress, amp=args.amp, spacing=args.spacing,
                                 labels=run_labels(label, n, model.num_classes), guidance_scale=args.guidance_scale)

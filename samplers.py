@@ -242,22 +242,3 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
         yield step, x, x_0_pred
     yield -1, x.clamp(-1.0, 1.0), x_0_pred
 
-
-# ----- which class each sample gets (class-conditional models) ---------------------------------------
-
-def cycled_labels(n, num_classes):
-    """Class i % num_classes for sample i: every class equally often, and the first m labels of a run
-    of n are those of a run of m (so a longer run extends a shorter one)."""
-    return torch.arange(n) % num_classes
-
-
-def class_grid_order(labels, num_classes):
-    """(indices, nrow) that lay samples out one row per class: the first k = len // num_classes samples
-    of each class in class order, k per row (all in one row when there are fewer samples than classes)."""
-    labels = torch.as_tensor(labels)
-    k = len(labels) // num_classes
-    order = torch.argsort(labels, stable=True)
-    if k == 0:
-        return order, len(labels)
-    keep = torch.cat([order[labels[order] == c][:k] for c in range(num_classes)])
-    return keep, k

@@ -33,7 +33,7 @@ from checkpoint import load_model_state, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import create_cifar10_ddpm, model_kwargs
 from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
-from samplers import class_grid_order, cycled_labels
+from guidance import class_grid_order, cycled_labels, drop_labels
 from timestep_sampler import ImportanceSampler, step_noise, stream_seed
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -44,17 +44,6 @@ def plain(value):
     if isinstance(value, tuple):
         return list(value)
     return str(value) if isinstance(value, torch.device) else value
-
-
-def dropped_labels(generator, seed, step, labels, p_uncond, null_class, global_batch=None, rank=0):
-    """Classifier-free guidance's label dropout (Ho & Salimans, Algorithm 1): each label of this rank's
-    share of the global batch becomes `null_class` with probability p_uncond. The coins are drawn for the
-    global batch from (seed, step) alone, on a stream of their own, so resuming, ranks and the noise of
-    step_noise are unaffected."""
-    generator.manual_seed(stream_seed('cond', seed, step))
-    n = len(labels)
-    coins = torch.rand((global_batch or n,), generator=generator, device=generator.device)[n * rank:n * (rank + 1)]
-    return torch.where(coins < p_uncond, torch.full_like(labels, null_class), labels)
 
 
 @torch.no_grad()
@@ -253,8 +242,8 @@ class TrainLoop:
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         t, eps, weights = t_all[mine], eps_all[mine], w_all[mine] if w_all is not None else None
         if labels is not None:
-            labels = dropped_labels(self.cond_generator, c['seed'], self.step, labels, c['p_uncond'],
-                                    self.raw_model.network.null_class, c['batch_size'], rank)
+            labels = drop_labels(self.cond_generator, stream_seed('cond', c['seed'], self.step), labels,
+                                 c['p_uncond'], self.raw_model.network.null_class, c['batch_size'], rank)
         torch.manual_seed(stream_seed('dropout', c['seed'], self.step, rank))
         for group in self.optimizer.param_groups:
             group['lr'] = c['lr'] * min(1.0, (self.step + 1) / max(1, c['warmup_steps']))

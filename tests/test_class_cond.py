@@ -14,8 +14,9 @@ from checkpoint import CheckpointError, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset, to_model_range
 from diffusion import DDPM, create_cifar10_ddpm
 from sample_store import meta_difference, run_meta
+from timestep_sampler import stream_seed
 from train import train_ddpm
-from train_util import dropped_labels
+from guidance import drop_labels
 
 from conftest import TINY_TRAIN, assert_same_tensors, load, make_image_folder
 
@@ -91,15 +92,16 @@ def test_loader_yields_each_images_label_and_the_same_images(world_size):
 def test_label_dropout_is_seeded_global_and_has_rate_p():
     g = torch.Generator()
     labels = torch.randint(0, 10, (512,), generator=torch.Generator().manual_seed(1))
-    a = dropped_labels(g, 0, 5, labels, 0.1, 10)
-    assert torch.equal(a, dropped_labels(g, 0, 5, labels, 0.1, 10))
-    assert not torch.equal(a, dropped_labels(g, 0, 6, labels, 0.1, 10))
+    at = {step: stream_seed('cond', 0, step) for step in (5, 6)}
+    a = drop_labels(g, at[5], labels, 0.1, 10)
+    assert torch.equal(a, drop_labels(g, at[5], labels, 0.1, 10))
+    assert not torch.equal(a, drop_labels(g, at[6], labels, 0.1, 10))
     kept = a != 10
     assert torch.equal(a[kept], labels[kept]) and 0.07 < (~kept).float().mean() < 0.13
-    halves = [dropped_labels(g, 0, 5, labels[r * 256:(r + 1) * 256], 0.1, 10, 512, r) for r in range(2)]
+    halves = [drop_labels(g, at[5], labels[r * 256:(r + 1) * 256], 0.1, 10, 512, r) for r in range(2)]
     assert torch.equal(torch.cat(halves), a)   # two ranks' shares form the one-process batch
-    assert torch.equal(dropped_labels(g, 0, 5, labels, 0.0, 10), labels)
-    assert (dropped_labels(g, 0, 5, labels, 1.0, 10) == 10).all()
+    assert torch.equal(drop_labels(g, at[5], labels, 0.0, 10), labels)
+    assert (drop_labels(g, at[5], labels, 1.0, 10) == 10).all()
 
 
 # ----- training ---------------------------------------------------------------------------------------
