@@ -225,3 +225,12 @@ def test_diffusers_export_refuses_a_conditional_model(cond_run, tmp_path):
     from diffusers_io import save_diffusers
     with pytest.raises(CheckpointError, match='class-conditional'):
         save_diffusers(DDPM.from_checkpoint(cond_run[1]), str(tmp_path / 'out'))
+
+
+def test_grid_order_puts_each_class_in_its_own_row():
+    from guidance import class_grid_order, cycled_labels
+    labels = cycled_labels(7, 3)   # 0 1 2 0 1 2 0: class 0 has one sample more than fits a row
+    order, nrow = class_grid_order(labels, 3)
+    assert nrow == 2 and order.tolist() == [0, 3, 1, 4, 2, 5]
+    order, nrow = class_grid_order(cycled_labels(2, 3), 3)   # fewer samples than classes: one row
+    assert nrow == 2 and order.tolist() == [0, 1]
