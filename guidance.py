@@ -39,7 +39,8 @@ def check_labels(labels, n, num_classes, device):
     if num_classes is None:
         raise ValueError('this model is unconditional (trained without class_cond), so it takes no class '
                          'labels; drop labels / --class_label')
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1).expand(n)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    labels = labels.expand(n) if labels.numel() == 1 else labels
     if labels.shape[0] != n or not bool(((labels >= 0) & (labels < num_classes)).all()):
         raise ValueError(f'need {n} class labels in 0..{num_classes - 1} (or one for all), got '
                          f'{labels.tolist()[:8]}')

@@ -173,6 +173,8 @@ def merge_resumed_config(config, ckpt_config, say):
     if differ:
         raise CheckpointError('the resume checkpoint was trained with a different model config ('
                               + '; '.join(differ) + '); drop those options to continue it, or start a new run')
+    if merged.get('class_cond') and ckpt_config.get('class_names') is not None:
+        merged['class_names'] = ckpt_config['class_names']   # the data's classes must match them (TrainLoop)
     for key in ('batch_size', 'dataset', 'image_size'):
         if key in ckpt_config and plain(ckpt_config[key]) != plain(merged[key]):
             say(f'note: {key} changed from {ckpt_config[key]!r} to {merged[key]!r}; the data order will differ '

@@ -159,6 +159,15 @@ def test_class_cond_resume_is_exact(tmp_path, classes_folder, cond_run):
     assert_same_tensors(resumed['ema_state_dict'], straight['ema_state_dict'], 'EMA weights')
 
 
+def test_a_conditional_run_resumes_only_on_the_same_classes(tmp_path, classes_folder):
+    run(tmp_path, classes_folder, num_epochs=1, num_samples=0, max_steps=1)
+    other = tmp_path / 'other'
+    shutil.copytree(classes_folder, other)
+    os.rename(other / 'train' / 'dog', other / 'train' / 'fox')
+    with pytest.raises(ValueError, match=r"classes \['cat', 'dog'\].*\['cat', 'fox'\]"):
+        run(tmp_path, str(other), num_epochs=1, num_samples=0, resume='latest')
+
+
 def test_an_unconditional_checkpoint_does_not_resume_as_conditional(tmp_path, classes_folder):
     run(tmp_path, classes_folder, num_epochs=1, num_samples=0, class_cond=False, max_steps=1)
     with pytest.raises(CheckpointError, match='class_cond'):

@@ -162,6 +162,8 @@ def test_labels_are_checked_in_one_line():
     cond = DDPM(small_unet(num_classes=3), timesteps=10)
     with pytest.raises(ValueError, match=r'0\.\.2'):
         cond.sample(2, labels=3, progress=False)
+    with pytest.raises(ValueError, match='need 2 class labels'):
+        cond.sample(2, labels=[0, 1, 2], progress=False)
     with pytest.raises(ValueError, match='needs class labels'):
         cond.sample(2, guidance_scale=1.0, progress=False)
     with pytest.raises(ValueError, match='unconditional'):
