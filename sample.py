@@ -219,15 +219,16 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
         meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing, class_label,
                         guidance_scale)
-        result = (lambda images: (images, labels.numpy() if labels is not None else None)) if with_labels else (
-            lambda images: images)
+        label_array = labels.numpy() if labels is not None else None
 
         # An .npz finished earlier with the same options is reused (rank 0 decides for all ranks).
         reused = reuse_complete_npz(npz, meta, num_samples) if npz and not out_dir and dist.is_main else None
         if dist.broadcast(reused is not None):
             if reused is not None and progress:
                 print(f'{npz} already holds these {num_samples} samples; reusing it', file=sys.stderr)
-            return result(reused) if reused is not None else None
+            if reused is None:   # not rank 0
+                return None
+            return (reused, label_array) if with_labels else reused
 
         parts_dir = f'{npz}.parts' if npz else (os.path.join(out_dir, '.parts') if out_dir else None)
         start, stats = time.time(), {}
@@ -249,7 +250,7 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
             spaced = f', {spacing} spacing' if spacing else ''
             print(f'sampled {stats["sampled"]} images{where} in {seconds:.1f} s ({per_image:.1f} ms/image; '
                   f'{sampler}, {steps} steps{spaced}, {"EMA" if info["ema"] else "raw"} weights)', file=sys.stderr)
-        return result(images)
+        return (images, label_array) if with_labels else images
     finally:
         dist.close()
 
