@@ -272,6 +272,28 @@ def convert_inception(args):
 def run(args):
     if args.convert_inception:
         return convert_inception(args)
+    check_inputs(args)
+    device = str(resolve_device(args.device))   # a GPU asked for but absent is one line, not a traceback
+    # Under torchrun the other ranks only help to draw the samples; rank 0 scores them.
+    helper = int(os.environ.get('RANK', '0')) != 0
+    if helper and not (args.checkpoint and (args.fid or args.kid)):
+        return 0
+    lines = []
+    if args.fid or args.kid:
+        line = score_images(args, device, helper)
+        if line is None:   # not rank 0 under torchrun
+            return 0
+        lines.append(line)
+    if args.bpd:
+        lines.append(score_bpd(args, device))
+    for line in lines:
+        print(line)
+    print(f'results written to {results_path(args)}')
+    return 0
+
+
+def check_inputs(args):
+    """Every check that needs no model, no network and no Inception, so bad input fails at once."""
     if not (args.fid or args.kid or args.bpd):
         raise EvalError('nothing to do: pass --fid (FID and IS), --kid and/or --bpd')
     if bool(args.checkpoint) == bool(args.samples):
@@ -284,96 +306,95 @@ def run(args):
         raise FileNotFoundError(f'samples not found: {args.samples}')
     if args.kid and args.ref_stats:
         raise EvalError('KID needs the reference features, not only statistics: drop --ref_stats or --kid')
-    device = str(resolve_device(args.device))   # a GPU asked for but absent is one line, not a traceback
+
+
+def score_images(args, device, helper):
+    """FID (IS, KID) of existing samples or of a checkpoint's samples; the result line (None off rank 0)."""
     progress = not args.quiet
-    out_path = results_path(args)
-    lines = []
-    # Under torchrun the other ranks only help to draw the samples; rank 0 scores them.
-    helper = int(os.environ.get('RANK', '0')) != 0
-    if helper and not (args.checkpoint and (args.fid or args.kid)):
-        return 0
+    # Samples are read (and checked) before the Inception network is loaded: a text file or a float
+    # array fails in a second. A missing Inception file still fails before hours of sampling.
+    images = load_images(args.samples) if args.samples else None
+    extractor, fid_layer, isc_layer = (None, None, None) if helper else load_feature_extractor(
+        args.feature_extractor, args.inception_weights, device, cache_dir=args.cache_dir,
+        trust_torchscript=args.trust_torchscript)
+    if helper:
+        mu = sigma = ref_count = ref_features = ref_name = None
+    elif args.ref_stats:
+        mu, sigma, ref_count = load_stats(args.ref_stats)
+        ref_features, ref_name = None, args.ref_stats
+    else:
+        mu, sigma, ref_count, ref_features, _ = reference_statistics(
+            args.ref, args.data_dir, extractor, fid_layer, args.cache_dir, args.feature_batch_size, device,
+            with_features=args.kid, progress=progress)
+        ref_name = 'cifar10-train' if args.ref == 'cifar10' else os.path.abspath(args.ref)
+    if args.checkpoint:
+        images, options = sample_for_fid(args, device, progress)
+        if images is None:   # not rank 0 under torchrun
+            return None
+    else:
+        options = {'samples': os.path.abspath(args.samples), 'num_samples': int(len(images))}
+    options.update(ref=ref_name, feature_extractor=extractor.get_name())
+    if extractor.weights_id:   # a local weights file: results with other weights get their own entry
+        options['inception_weights'] = extractor.weights_id
+    if len(images) < PAPER_NUM_SAMPLES:
+        print(f'note: FID from {len(images)} samples is biased upwards; the paper\'s 3.17 uses '
+              f'{PAPER_NUM_SAMPLES} samples', file=sys.stderr)
+    start = time.time()
+    results = image_metrics(images, extractor, fid_layer, isc_layer, (mu, sigma),
+                            ref_features if args.kid else None, args.feature_batch_size, device, progress)
+    results.update(ref_count=ref_count, seconds=round(time.time() - start, 1))
+    record(results_path(args), 'fid', options, results)
+    line = f'FID {results["fid"]:.3f}'
+    if 'isc_mean' in results:
+        line += f'  IS {results["isc_mean"]:.3f} +- {results["isc_std"]:.3f}'
+    if 'kid_mean' in results:
+        line += f'  KID {results["kid_mean"]:.5f} +- {results["kid_std"]:.5f}'
+    if isc_layer is None and args.feature_extractor == INCEPTION:
+        line += '  (no IS: these Inception weights have no classifier)'
+    return f'{line}  ({results["num_samples"]} samples vs {ref_name}, {extractor.get_name()})'
 
-    if args.fid or args.kid:
-        # Load the feature extractor first: a missing Inception file should fail before hours of sampling.
-        extractor, fid_layer, isc_layer = (None, None, None) if helper else load_feature_extractor(
-            args.feature_extractor, args.inception_weights, device, cache_dir=args.cache_dir,
-            trust_torchscript=args.trust_torchscript)
-        if helper:
-            mu = sigma = ref_count = ref_features = ref_name = None
-        elif args.ref_stats:
-            mu, sigma, ref_count = load_stats(args.ref_stats)
-            ref_features, ref_name = None, args.ref_stats
-        else:
-            mu, sigma, ref_count, ref_features, _ = reference_statistics(
-                args.ref, args.data_dir, extractor, fid_layer, args.cache_dir, args.feature_batch_size, device,
-                with_features=args.kid, progress=progress)
-            ref_name = 'cifar10-train' if args.ref == 'cifar10' else os.path.abspath(args.ref)
-        if args.checkpoint:
-            model, info = load_model(args.checkpoint, ema=args.ema, device='cpu')
-            steps, model_ema = resolve_steps(model, args.sampler, args.steps), info['ema']
-            spacing = resolve_spacing(args.sampler, args.spacing, args.eta)
-            del model
-            npz = args.npz or default_npz(args, steps, model_ema)
-            images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
-                                       args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
-                                       amp=args.amp, spacing=spacing)
-            if images is None:   # not rank 0 under torchrun
-                return 0
-            options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing, 'eta': args.eta,
-                       'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
-                       'amp': args.amp}
-        else:
-            images = load_images(args.samples)
-            options = {'samples': os.path.abspath(args.samples), 'num_samples': int(len(images))}
-        options.update(ref=ref_name, feature_extractor=extractor.get_name())
-        if extractor.weights_id:   # a local weights file: results with other weights get their own entry
-            options['inception_weights'] = extractor.weights_id
-        if len(images) < PAPER_NUM_SAMPLES:
-            print(f'note: FID from {len(images)} samples is biased upwards; the paper\'s 3.17 uses '
-                  f'{PAPER_NUM_SAMPLES} samples', file=sys.stderr)
-        start = time.time()
-        results = image_metrics(images, extractor, fid_layer, isc_layer, (mu, sigma),
-                                ref_features if args.kid else None, args.feature_batch_size, device, progress)
-        results.update(ref_count=ref_count, seconds=round(time.time() - start, 1))
-        record(out_path, 'fid', options, results)
-        line = f'FID {results["fid"]:.3f}'
-        if 'isc_mean' in results:
-            line += f'  IS {results["isc_mean"]:.3f} +- {results["isc_std"]:.3f}'
-        if 'kid_mean' in results:
-            line += f'  KID {results["kid_mean"]:.5f} +- {results["kid_std"]:.5f}'
-        if isc_layer is None and args.feature_extractor == INCEPTION:
-            line += '  (no IS: these Inception weights have no classifier)'
-        lines.append(f'{line}  ({results["num_samples"]} samples vs {ref_name}, {extractor.get_name()})')
 
-    if args.bpd:
-        model, info = load_model(args.checkpoint, ema=args.ema, device=device)
-        c, h, w = model.image_shape
-        images = load_images(args.bpd_data, args.data_dir, train=False, image_size=h)
-        if args.num_images is not None:
-            if not 1 <= args.num_images <= len(images):
-                raise EvalError(f'--num_images must be between 1 and {len(images)}, got {args.num_images}')
-            keep = np.sort(np.random.default_rng(args.seed).choice(len(images), args.num_images, replace=False))
-            images = images[keep]
-        start = time.time()
-        results = bits_per_dim(model, images, args.bpd_mode, args.t_samples, args.bpd_batch_size, device,
-                               args.seed, progress, clip_denoised=args.bpd_clip)
-        results['seconds'] = round(time.time() - start, 1)
-        data = (os.path.abspath(args.bpd_data) if os.path.exists(args.bpd_data) else
-                args.bpd_data if args.bpd_data == 'cifar10' else f'{args.bpd_data}:{os.path.abspath(args.data_dir)}')
-        options = {'ema': info['ema'], 'data': data, 'split': 'test', 'mode': args.bpd_mode,
-                   'num_images': results['num_images'], 'seed': args.seed, 'clip_denoised': args.bpd_clip}
-        if args.bpd_mode == 'estimate':
-            options['t_samples'] = args.t_samples
-        record(out_path, 'bpd', options, results)
-        lines.append(f'NLL {results["bpd"]:.4f} +- {results["bpd_stderr"]:.4f} bits/dim ({args.bpd_mode}, '
-                     f'{"clipped" if args.bpd_clip else "unclipped"} x_0, '
-                     f'{results["num_images"]} images; prior {results["prior_bpd"]:.4f}, KL terms '
-                     f'{results["kl_terms_bpd"]:.4f}, decoder {results["decoder_bpd"]:.4f})')
+def sample_for_fid(args, device, progress):
+    """The checkpoint's samples for FID (drawn once, reused from their .npz) and the options they depend on."""
+    model, info = load_model(args.checkpoint, ema=args.ema, device='cpu')
+    steps, model_ema = resolve_steps(model, args.sampler, args.steps), info['ema']
+    spacing = resolve_spacing(args.sampler, args.spacing, args.eta)
+    del model
+    npz = args.npz or default_npz(args, steps, model_ema)
+    images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
+                               args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
+                               amp=args.amp, spacing=spacing)
+    options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing, 'eta': args.eta,
+               'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
+               'amp': args.amp}
+    return images, options
 
-    for line in lines:
-        print(line)
-    print(f'results written to {out_path}')
-    return 0
+
+def score_bpd(args, device):
+    """bits/dim of the checkpoint on the test images; the result line."""
+    model, info = load_model(args.checkpoint, ema=args.ema, device=device)
+    c, h, w = model.image_shape
+    images = load_images(args.bpd_data, args.data_dir, train=False, image_size=h)
+    if args.num_images is not None:
+        if not 1 <= args.num_images <= len(images):
+            raise EvalError(f'--num_images must be between 1 and {len(images)}, got {args.num_images}')
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(images), args.num_images, replace=False))
+        images = images[keep]
+    start = time.time()
+    results = bits_per_dim(model, images, args.bpd_mode, args.t_samples, args.bpd_batch_size, device,
+                           args.seed, not args.quiet, clip_denoised=args.bpd_clip)
+    results['seconds'] = round(time.time() - start, 1)
+    data = (os.path.abspath(args.bpd_data) if os.path.exists(args.bpd_data) else
+            args.bpd_data if args.bpd_data == 'cifar10' else f'{args.bpd_data}:{os.path.abspath(args.data_dir)}')
+    options = {'ema': info['ema'], 'data': data, 'split': 'test', 'mode': args.bpd_mode,
+               'num_images': results['num_images'], 'seed': args.seed, 'clip_denoised': args.bpd_clip}
+    if args.bpd_mode == 'estimate':
+        options['t_samples'] = args.t_samples
+    record(results_path(args), 'bpd', options, results)
+    return (f'NLL {results["bpd"]:.4f} +- {results["bpd_stderr"]:.4f} bits/dim ({args.bpd_mode}, '
+            f'{"clipped" if args.bpd_clip else "unclipped"} x_0, '
+            f'{results["num_images"]} images; prior {results["prior_bpd"]:.4f}, KL terms '
+            f'{results["kl_terms_bpd"]:.4f}, decoder {results["decoder_bpd"]:.4f})')
 
 
 if __name__ == '__main__':

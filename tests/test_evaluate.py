@@ -329,3 +329,23 @@ def test_bpd_clips_x0_by_default_as_the_papers_code_and_records_it(tmp_path, cap
                                        clip_denoised=clip)
         assert results[clip]['bpd'] == pytest.approx(direct['bpd'], rel=1e-9)
     assert results[True]['bpd'] != results[False]['bpd']
+
+
+@pytest.mark.parametrize('kind', ['text', 'float-npz'])
+def test_bad_samples_fail_before_the_inception_network_is_looked_for(tmp_path, monkeypatch, capsys, kind):
+    """The cheap checks of the inputs come first: a text file or float images get their own one-line error,
+    not the message about missing Inception weights (which would send the user to download 90 MB)."""
+    import fid
+    monkeypatch.setattr(evaluate, 'load_feature_extractor', lambda *a, **k: pytest.fail('Inception loaded first'))
+    monkeypatch.setattr(fid, 'load_feature_extractor', lambda *a, **k: pytest.fail('Inception loaded first'))
+    if kind == 'text':
+        path = tmp_path / 'notes.txt'
+        path.write_text('not images\n')
+        expected = 'expected an .npz of uint8 images'
+    else:
+        path = tmp_path / 'float.npz'
+        np.savez(path, np.random.default_rng(0).random((4, 8, 8, 3)))
+        expected = 'expected uint8 images'
+    assert evaluate.main(['--samples', str(path), '--fid', '--device', 'cpu', '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and expected in err, err
