@@ -57,6 +57,11 @@ def train_ddpm(
     num_samples: int = 64,            # images in each sample grid
     sample_sampler: str = 'ddim',     # sampler for the grids: 'ddim', 'dpm-solver' (fast) or 'ddpm' (the paper's T)
     sample_steps: int = DEFAULT_DDIM_STEPS,  # network evaluations of a ddim / dpm-solver grid
+    fid_every: int = 0,               # epochs between FID evaluations of the EMA model (0: off); see README
+    fid_samples: int = 10000,         # samples per FID evaluation, scored against the training images
+    fid_sampler: str = 'ddim',        # sampler for the FID samples: 'ddim', 'dpm-solver' or 'ddpm' (all T steps)
+    fid_steps: int = 50,              # network evaluations of a ddim / dpm-solver FID sample
+    fid_weights: str = None,          # Inception weights (torch-fidelity's or NVIDIA's TorchScript port); None: torch.hub's
     ema_decay: float = 0.9999,        # EMA of the weights (the paper's value); used for grids and sampling
     warmup_steps: int = 5000,         # linear learning-rate warmup (the paper's value)
     grad_clip: float = 1.0,           # max gradient norm (the paper's value); 0 disables clipping
@@ -130,9 +135,15 @@ def validate_config(c):
         raise ValueError(f'ema_decay must be in [0, 1), got {c["ema_decay"]!r}')
     if c['warmup_steps'] < 0 or c['grad_clip'] < 0 or c['num_samples'] < 0:
         raise ValueError('warmup_steps, grad_clip and num_samples must not be negative')
+    if not isinstance(c['fid_every'], int) or c['fid_every'] < 0:
+        raise ValueError(f'fid_every must be 0 (off) or a positive number of epochs, got {c["fid_every"]!r}')
+    if c['fid_every'] and not (isinstance(c['fid_samples'], int) and c['fid_samples'] >= 2):
+        raise ValueError(f'fid_samples must be an integer of at least 2, got {c["fid_samples"]!r}')
+    if c['fid_every'] and c['fid_sampler'] != 'ddpm' and not 1 <= c['fid_steps'] <= c['timesteps']:
+        raise ValueError(f'fid_steps must be between 1 and timesteps={c["timesteps"]}, got {c["fid_steps"]!r}')
     choices = {'dataset': ('cifar10', 'folder', 'synthetic'), 'amp': AMP_CHOICES,
-               'sample_sampler': SAMPLERS, 'variance': ('beta', 'posterior'), 'beta_schedule': BETA_SCHEDULES,
-               'loss': LOSSES}
+               'sample_sampler': SAMPLERS, 'fid_sampler': SAMPLERS, 'variance': ('beta', 'posterior'),
+               'beta_schedule': BETA_SCHEDULES, 'loss': LOSSES}
     for key, valid in choices.items():
         if c[key] not in valid:
             raise ValueError(f'{key} must be one of {valid}, got {c[key]!r}')

@@ -93,6 +93,7 @@ class TrainLoop:
         self.cond_generator = torch.Generator(device=self.device) if c['class_cond'] else None
         self.log_t, self.log_images, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
         self._open_logs()
+        self._start_fid()
         if ckpt is not None:
             self.say(f'resumed from {resume_path} at step {self.step} (epoch {self.step // self.steps_per_epoch})')
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
@@ -200,6 +201,16 @@ class TrainLoop:
                  f'{self.micro} images; device {self.device}, amp {self.autocast_dtype or "fp32"}, '
                  f'{"channels_last" if self.channels_last else "NCHW"}, '
                  f'{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters; git {self.env["git_commit"]}')
+
+    def _start_fid(self):
+        """FID during training (train_fid.py) when fid_every > 0; it loads its Inception weights now, before step 1."""
+        from train_fid import OFF_HINT, FIDDuringTraining
+        c, self.fid, self.fid_postfix = self.c, None, {}
+        if not c['fid_every']:
+            self.say(OFF_HINT)
+            return
+        self.fid = FIDDuringTraining(self.images, c['fid_samples'], c['fid_sampler'], c['fid_steps'], c['seed'],
+                                     c['fid_weights'], self.device, c['amp'], c['checkpoint_dir'], self.dist, self.say)
 
     # ----- the loop -------------------------------------------------------------------------
 
@@ -336,7 +347,7 @@ class TrainLoop:
             # clip_grad_norm_'s return value: the norm before clipping (the applied one is min(this, grad_clip)).
             self.writer.add_scalar('train/grad_norm_preclip', float(grad_norm), self.step)
             self.writer.add_scalar('train/images_per_sec', ips, self.step)
-            self.bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{ips:.1f}')
+            self.bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{ips:.1f}', **self.fid_postfix)
         self.log_t, self.log_images, self.loss_sum, self.loss_count = now, 0, 0.0, 0
 
     # ----- epoch ends and the end of the run ------------------------------------------------
@@ -347,6 +358,8 @@ class TrainLoop:
             self.say(f'saved {path} and ddpm_epoch_{epoch}.pth')
         if epoch % self.c['sample_every'] == 0:
             self.sample_grid(epoch)
+        if self.fid is not None and epoch % self.c['fid_every'] == 0:
+            self.evaluate_fid(epoch)
         self.dist.barrier()
 
     def finish(self):
@@ -378,14 +391,8 @@ class TrainLoop:
         return (f'the last good checkpoint is kept ({self.latest_path})' if os.path.exists(self.latest_path)
                 else 'no checkpoint had been saved yet')
 
-    def save(self, tag_epoch=None):
-        """Write ddpm_latest.pth (and ddpm_epoch_N.pth) from rank 0, atomically; never NaN/inf weights."""
-        # Every rank holds the same weights, so every rank stops here together.
-        if not all(bool(torch.isfinite(p).all()) for p in self.params + self.ema_params):
-            raise FloatingPointError(f'training stopped: the weights became NaN/inf by step {self.step} and were '
-                                     f'not saved; {self.kept()}; lower lr or check the data')
-        if not self.is_main:
-            return None
+    def state(self):
+        """Everything a checkpoint holds."""
         state = {'model_state_dict': self.raw_model.state_dict(), 'ema_state_dict': self.ema_model.state_dict(),
                  'optimizer_state_dict': self.optimizer.state_dict(), 'epoch': self.step // self.steps_per_epoch,
                  'step': self.step, 'config': self.plain_config, 'nan_skipped': self.nan_skipped,
@@ -394,6 +401,17 @@ class TrainLoop:
             state['scaler_state_dict'] = self.scaler.state_dict()
         if self.t_sampler is not None:
             state['timestep_sampler'] = self.t_sampler.state_dict()
+        return state
+
+    def save(self, tag_epoch=None):
+        """Write ddpm_latest.pth (and ddpm_epoch_N.pth) from rank 0, atomically; never NaN/inf weights."""
+        # Every rank holds the same weights, so every rank stops here together.
+        if not all(bool(torch.isfinite(p).all()) for p in self.params + self.ema_params):
+            raise FloatingPointError(f'training stopped: the weights became NaN/inf by step {self.step} and were '
+                                     f'not saved; {self.kept()}; lower lr or check the data')
+        if not self.is_main:
+            return None
+        state = self.state()
         if tag_epoch is not None:
             save_checkpoint(state, os.path.join(self.c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
         return save_checkpoint(state, self.latest_path)
@@ -423,3 +441,17 @@ class TrainLoop:
         torchvision.utils.save_image(grid, path)
         self.writer.add_image('samples', grid, self.step)
         self.say(f'sample grid: {path}')
+
+    def evaluate_fid(self, epoch):
+        """FID of the EMA model (every rank samples its share): eval/fid, the progress line, ddpm_best_fid.pth."""
+        record = self.fid.evaluate(self.ema_model, epoch, self.step)
+        if record is None:   # not rank 0
+            return
+        self.writer.add_scalar('eval/fid', record['fid'], self.step)
+        self.fid_postfix['fid'] = f'{record["fid"]:.2f}'
+        if record['is_best']:
+            save_checkpoint({**self.state(), 'fid': record}, self.fid.best_path)
+        steps = '' if record['steps'] is None else f' {record["steps"]} steps'
+        self.say(f'epoch {epoch}: FID {record["fid"]:.2f} ({record["num_samples"]} samples, {record["sampler"]}{steps}, '
+                 f'{record["seconds"]:.0f} s; best {self.fid.best:.2f}'
+                 f'{", saved " + self.fid.best_path if record["is_best"] else ""})')

@@ -150,6 +150,27 @@ def num_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+# ----- data ------------------------------------------------------------------------------------------
+
+def read_cifar_jpeg(path):
+    """{'train': uint8 [50000, 3, 32, 32], 'test': ...} from the offline copy's tar.gz, in name order."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    found = {'train': {}, 'test': {}}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            parts = member.name.split('/')
+            if member.isfile() and len(parts) == 4 and parts[1] in found:
+                found[parts[1]][member.name] = np.asarray(
+                    Image.open(io.BytesIO(tar.extractfile(member).read())).convert('RGB'))
+    return {split: torch.from_numpy(np.stack([files[k] for k in sorted(files)])).permute(0, 3, 1, 2).contiguous()
+            for split, files in found.items()}
+
+
+
 # ----- statistics and output --------------------------------------------------------------------
 
 def median(xs):

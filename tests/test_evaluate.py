@@ -1,4 +1,4 @@
-"""evaluate.py: FID / IS glue, the Frechet distance, and bits/dim by the variational bound (CPU, no network)."""
+"""evaluate.py and fid.py: FID / IS glue, the Frechet distance, and bits/dim by the variational bound (CPU, no network)."""
 import json
 import math
 import os
@@ -9,18 +9,17 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 import checkpoint
 import evaluate
+import fid
 import sample
 from checkpoint import save_checkpoint
 from diffusion import create_cifar10_ddpm, discretized_gaussian_log_likelihood
+from tiny_extractor import TINY, registered_tiny_extractor, smooth_images  # noqa: F401 (an autouse fixture)
 
 SIZE = 8
-TINY = 'ddpm-test-tiny'
 
 
 def tiny_model(timesteps=20, variance='beta', seed=0):
@@ -43,58 +42,6 @@ def make_checkpoint(path, timesteps=10):
     return str(path)
 
 
-def smooth_images(n, seed=0, size=SIZE):
-    """uint8 [n, H, W, 3] images with some spatial structure, less extreme than uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 3, 3, generator=g)
-    x = F.interpolate(coarse, size=(size, size), mode='bilinear', align_corners=False)
-    x = x + 0.05 * torch.randn(x.shape, generator=g)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-# ----- a stand-in feature extractor, registered with torch-fidelity like its Inception ---------
-
-class TinyExtractor(FeatureExtractorBase):
-    """A fixed random projection of 4x4-pooled pixels: 'pool' (8-d) for FID/KID, 'logits' (5 classes) for IS."""
-
-    def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, features_list)
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer('w1', torch.randn(3 * 4 * 4, 8, generator=g))
-        self.register_buffer('w2', torch.randn(8, 5, generator=g))
-        self.calls = 0
-
-    @staticmethod
-    def get_provided_features_list():
-        return 'pool', 'logits'
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {'fid': 'pool', 'kid': 'pool', 'isc': 'logits'}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return None
-
-    def forward(self, x):
-        assert x.dtype == torch.uint8 and x.shape[1] == 3
-        self.calls += 1
-        pool = F.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1) @ self.w1
-        features = {'pool': pool, 'logits': 2.0 * torch.tanh(pool) @ self.w2}
-        return tuple(features[name] for name in self.features_list)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def registered_tiny_extractor():
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-    if TINY not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(TINY, TinyExtractor)
-
-
 # ----- the Frechet distance ---------------------------------------------------------------------
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -106,46 +53,46 @@ def test_frechet_distance_matches_scipy_on_random_features():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
     b = 0.5 + rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
-    mu1, s1 = evaluate.feature_statistics(a)
-    mu2, s2 = evaluate.feature_statistics(b)
+    mu1, s1 = fid.feature_statistics(a)
+    mu2, s2 = fid.feature_statistics(b)
     np.testing.assert_allclose(s1, np.cov(a, rowvar=False))
-    ours = evaluate.frechet_distance(mu1, s1, mu2, s2)
+    ours = fid.frechet_distance(mu1, s1, mu2, s2)
     assert ours == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-8)
-    assert ours == pytest.approx(evaluate.frechet_distance(mu2, s2, mu1, s1), rel=1e-8)   # symmetric
+    assert ours == pytest.approx(fid.frechet_distance(mu2, s2, mu1, s1), rel=1e-8)   # symmetric
     # torch-fidelity's own formula (eigenvalues of sigma1 sigma2) agrees as well.
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     theirs = fid_statistics_to_metric({'mu': mu1, 'sigma': s1}, {'mu': mu2, 'sigma': s2}, False)
     assert ours == pytest.approx(theirs['frechet_inception_distance'], rel=1e-8)
     # Rank-deficient covariances (fewer samples than dimensions), as with small sample sets.
     c, d = rng.normal(size=(10, 16)), rng.normal(size=(12, 16))
-    stats = [*evaluate.feature_statistics(c), *evaluate.feature_statistics(d)]
-    assert evaluate.frechet_distance(*stats) == pytest.approx(scipy_frechet(*stats), rel=1e-5)
+    stats = [*fid.feature_statistics(c), *fid.feature_statistics(d)]
+    assert fid.frechet_distance(*stats) == pytest.approx(scipy_frechet(*stats), rel=1e-5)
 
 
 def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(1)
     features = rng.normal(size=(300, 10))
-    mu, sigma = evaluate.feature_statistics(features)
-    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    mu, sigma = fid.feature_statistics(features)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
     shift = rng.normal(size=10)
-    assert evaluate.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx((shift ** 2).sum(), rel=1e-7)
+    assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx((shift ** 2).sum(), rel=1e-7)
     # Two isotropic Gaussians: d^2 = ||dmu||^2 + D (s1 - s2)^2 for standard deviations s1, s2.
-    assert evaluate.frechet_distance(np.zeros(4), 4 * np.eye(4), np.zeros(4), np.eye(4)) == pytest.approx(4.0)
+    assert fid.frechet_distance(np.zeros(4), 4 * np.eye(4), np.zeros(4), np.eye(4)) == pytest.approx(4.0)
     with pytest.raises(ValueError, match='do not match'):
-        evaluate.frechet_distance(mu, sigma, mu[:5], sigma[:5, :5])
+        fid.frechet_distance(mu, sigma, mu[:5], sigma[:5, :5])
 
 
 # ----- the torch-fidelity glue, with the stand-in extractor ------------------------------------
 
 def test_glue_fid_of_a_set_with_itself_is_zero_and_matches_torch_fidelity():
     images, other = smooth_images(60, seed=1), smooth_images(50, seed=2)
-    extractor, fid_layer, isc_layer = evaluate.load_feature_extractor(TINY)
+    extractor, fid_layer, isc_layer = fid.load_feature_extractor(TINY)
     assert (fid_layer, isc_layer) == ('pool', 'logits')
-    ref = evaluate.feature_statistics(evaluate.extract_features(images, extractor, 16, progress=False)[fid_layer])
-    same = evaluate.image_metrics(images, extractor, fid_layer, isc_layer, ref, batch_size=16, progress=False)
+    ref = fid.feature_statistics(fid.extract_features(images, extractor, 16, progress=False)[fid_layer])
+    same = fid.image_metrics(images, extractor, fid_layer, isc_layer, ref, batch_size=16, progress=False)
     assert abs(same['fid']) < 1e-6
-    ref_features = evaluate.extract_features(other, extractor, 16, progress=False)[fid_layer]
-    ours = evaluate.image_metrics(images, extractor, fid_layer, isc_layer, evaluate.feature_statistics(ref_features),
+    ref_features = fid.extract_features(other, extractor, 16, progress=False)[fid_layer]
+    ours = fid.image_metrics(images, extractor, fid_layer, isc_layer, fid.feature_statistics(ref_features),
                                   ref_features=ref_features, batch_size=7, progress=False)
     assert ours['fid'] > 0.01 and ours['isc_mean'] > 1.0 and 'kid_mean' in ours
 
@@ -185,9 +132,13 @@ def test_cli_scores_samples_and_caches_reference_statistics(tmp_path, monkeypatc
 
     # The reference is read once: later runs use the cache.
     reads = []
-    real_load = evaluate.load_images
-    monkeypatch.setattr(evaluate, 'load_images', lambda source, *a, **k: reads.append(source) or real_load(source,
-                                                                                                           *a, **k))
+    real_load = fid.load_images
+
+    def counted_load(source, *a, **k):
+        reads.append(source)
+        return real_load(source, *a, **k)
+    monkeypatch.setattr(fid, 'load_images', counted_load)        # reference images (fid.py)
+    monkeypatch.setattr(evaluate, 'load_images', counted_load)   # samples (evaluate.py)
     assert evaluate.main(['--samples', str(ref), *args]) == 0
     assert reads == [str(ref)], 'only the samples are read; the reference comes from the cache'
     assert json.loads((tmp_path / 'ref.eval.json').read_text())
@@ -234,7 +185,7 @@ def test_offline_errors_say_what_to_download(tmp_path, monkeypatch, capsys):
     assert evaluate.main(['--samples', str(samples), '--fid', '--device', 'cpu']) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith('error: ')
-    assert evaluate.INCEPTION_URL in err and '--inception_weights' in err
+    assert fid.INCEPTION_URL in err and '--inception_weights' in err
 
     pickle = tmp_path / 'evil.pth'
     torch.save({'x': types.SimpleNamespace(a=1)}, pickle)
@@ -251,10 +202,10 @@ def test_offline_errors_say_what_to_download(tmp_path, monkeypatch, capsys):
 
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, 'data.process_cifar', fake)
-    with pytest.raises(evaluate.EvalError) as info:
-        evaluate.load_images('cifar10', str(tmp_path / 'data'), train=True)
+    with pytest.raises(fid.EvalError) as info:
+        fid.load_images('cifar10', str(tmp_path / 'data'), train=True)
     message = str(info.value)
-    assert 'Error downloading' in message and evaluate.CIFAR10_URL in message and '--ref_stats' in message
+    assert 'Error downloading' in message and fid.CIFAR10_URL in message and '--ref_stats' in message
 
 
 # ----- bits/dim ---------------------------------------------------------------------------------
@@ -378,3 +329,23 @@ def test_bpd_clips_x0_by_default_as_the_papers_code_and_records_it(tmp_path, cap
                                        clip_denoised=clip)
         assert results[clip]['bpd'] == pytest.approx(direct['bpd'], rel=1e-9)
     assert results[True]['bpd'] != results[False]['bpd']
+
+
+@pytest.mark.parametrize('kind', ['text', 'float-npz'])
+def test_bad_samples_fail_before_the_inception_network_is_looked_for(tmp_path, monkeypatch, capsys, kind):
+    """The cheap checks of the inputs come first: a text file or float images get their own one-line error,
+    not the message about missing Inception weights (which would send the user to download 90 MB)."""
+    import fid
+    monkeypatch.setattr(evaluate, 'load_feature_extractor', lambda *a, **k: pytest.fail('Inception loaded first'))
+    monkeypatch.setattr(fid, 'load_feature_extractor', lambda *a, **k: pytest.fail('Inception loaded first'))
+    if kind == 'text':
+        path = tmp_path / 'notes.txt'
+        path.write_text('not images\n')
+        expected = 'expected an .npz of uint8 images'
+    else:
+        path = tmp_path / 'float.npz'
+        np.savez(path, np.random.default_rng(0).random((4, 8, 8, 3)))
+        expected = 'expected uint8 images'
+    assert evaluate.main(['--samples', str(path), '--fid', '--device', 'cpu', '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and expected in err, err

@@ -22,11 +22,15 @@ ALLOWED = {
     'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
     'sample_store': {'data.image_folder', 'runtime'},
     'timestep_sampler': set(),
-    'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'guidance', 'runtime', 'timestep_sampler'},
+    'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'guidance', 'runtime', 'timestep_sampler',
+                   'train_fid'},
+    'inception': set(),
+    'fid': {'data.image_folder', 'data.process_cifar', 'inception', 'runtime'},
+    'train_fid': {'checkpoint', 'fid', 'sample'},
     'train': {'checkpoint', 'diffusion', 'runtime', 'samplers', 'train_util'},
     'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'guidance', 'runtime', 'sample_store',
                'samplers'},
-    'evaluate': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'runtime', 'sample', 'samplers'},
+    'evaluate': {'checkpoint', 'data.process_cifar', 'fid', 'inception', 'runtime', 'sample', 'samplers'},
     'convert': {'checkpoint', 'diffusers_io', 'runtime'},
 }
 OURS = set(ALLOWED) | {'data', 'model'}
