@@ -184,7 +184,7 @@ def load_model(checkpoint, ema=None, device='cpu'):
                               f'drop --ema, or pass --no-ema to sample with the raw weights')
     use_ema = has_ema if ema is None else bool(ema)
     info = {'checkpoint': os.path.abspath(checkpoint), 'ema': use_ema, 'step': ckpt.get('step'),
-            'epoch': ckpt.get('epoch')}
+            'epoch': ckpt.get('epoch'), 'class_names': (ckpt.get('config') or {}).get('class_names')}
     model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint).eval()
     if use_channels_last(None, torch.device(device), None):
         model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)

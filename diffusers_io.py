@@ -142,6 +142,9 @@ def unet_config(network):
     if not isinstance(network, UNet):
         raise CheckpointError(f'only our UNet converts to diffusers, not a {type(network).__name__}')
     o = network.config
+    if o.get('num_classes') is not None:
+        raise CheckpointError(f"this U-Net is class-conditional (num_classes={o['num_classes']}); exporting it to "
+                              f"diffusers is not supported, sample it with sample.py --class_label instead")
     channels, size = list(o['channels']), o['image_size']
     attention = [size // 2 ** i in o['attn_resolutions'] for i in range(len(channels))]
     groups = {m.num_groups for m in network.modules() if isinstance(m, nn.GroupNorm)}

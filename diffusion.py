@@ -4,7 +4,9 @@
 schedule, the forward process q(x_t | x_0), the training objective L_simple, the
 reverse-process distribution p_theta(x_{t-1} | x_t) and the variational bound in
 bits/dim. The samplers that walk the reverse chain (the paper's Algorithm 2,
-DDIM, DPM-Solver++) are in samplers.py.
+DDIM, DPM-Solver++) are in samplers.py. A class-conditional network
+(`UNet(num_classes=...)`) adds classifier-free guidance (Ho & Salimans 2022,
+arXiv:2207.12598) at the one place the samplers get eps from: `network_outputs`.
 
 Options from Improved DDPM (Nichol & Dhariwal 2021, arXiv:2102.09672), each off
 by default: the cosine schedule (`beta_schedule='cosine'`, their Eq. 17), learned
@@ -26,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import guidance
 import samplers
 from losses import discretized_gaussian_log_likelihood, normal_kl  # noqa: F401 (also public here)
 from model.Blocks import UNet, build_unet
@@ -167,7 +170,7 @@ class DDPM(nn.Module):
 
     # ----- training -------------------------------------------------------------------------
 
-    def loss(self, x_0, t=None, noise=None, reduction='mean'):
+    def loss(self, x_0, t=None, noise=None, reduction='mean', labels=None):
         """The training objective at steps t (default uniform, Algorithm 1) and noise eps (default N(0, I)).
 
         loss='simple': L_simple, Eq. (14), ||eps - eps_theta(x_t, t)||^2 averaged over pixels.
@@ -176,6 +179,9 @@ class DDPM(nn.Module):
         loss='hybrid': L_simple + lambda * T * L_{t-1} with lambda = 0.001 (iDDPM
             Eq. 16), the mean detached in the VLB term so that it trains only the variance.
         reduction='none' gives one value per image (for importance weights); 'mean' their mean.
+        labels: class labels of a class-conditional network, the null class where a
+        label was dropped (classifier-free guidance's joint training, Algorithm 1 of
+        Ho & Salimans); None for an unconditional one.
         """
         if reduction not in ('mean', 'none'):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -185,9 +191,9 @@ class DDPM(nn.Module):
             noise = torch.randn_like(x_0)
         x_t = self.q_sample(x_0, t, noise)
         if self.loss_type == 'simple' and reduction == 'mean':
-            eps_pred = self.network(x_t, t)
+            eps_pred = self.network(x_t, t) if labels is None else self.network(x_t, t, labels)
             return F.mse_loss(eps_pred.float(), noise)
-        eps_pred, nu = self.network_outputs(x_t, t)
+        eps_pred, nu = self.network_outputs(x_t, t, labels)
         if self.loss_type == 'simple':
             return (eps_pred - noise).pow(2).flatten(1).mean(1)
         # Trained on the unclipped bound (clip_denoised=False), as the paper's code does.
@@ -198,15 +204,42 @@ class DDPM(nn.Module):
             per_image = (eps_pred - noise).pow(2).flatten(1).mean(1) + HYBRID_LAMBDA * self.timesteps * vb
         return per_image.mean() if reduction == 'mean' else per_image
 
-    def forward(self, x_0, t=None, noise=None, reduction='mean'):
+    def forward(self, x_0, t=None, noise=None, reduction='mean', labels=None):
         """The training loss, so that `model(x_0)` runs through DDP / torch.compile wrappers."""
-        return self.loss(x_0, t, noise, reduction)
+        return self.loss(x_0, t, noise, reduction, labels)
 
     # ----- reverse process ------------------------------------------------------------------
 
-    def network_outputs(self, x_t, t):
-        """(eps_pred, nu) in float32: the noise prediction and, with learn_sigma, the raw variance output (else None)."""
-        out = self.network(x_t, t).float()
+    @property
+    def num_classes(self):
+        """The classes of a class-conditional network; None when it is unconditional."""
+        return getattr(self.network, 'num_classes', None)
+
+    def network_outputs(self, x_t, t, labels=None, guidance_scale=0.0):
+        """(eps_pred, nu) in float32: the noise prediction and, with learn_sigma, the raw variance output (else
+        None). Every sampler gets eps from here.
+
+        labels None: eps_theta(x_t, t), which for a class-conditional network is its
+        null class, i.e. the unconditional model. With labels c and guidance scale w,
+        classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+            eps~ = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null),
+        both terms from ONE network call on the 2n-image batch [x_t; x_t], and nu from
+        the conditional half; w = 0 is the conditional model alone (one call on n images).
+        """
+        if labels is None:
+            if guidance_scale:
+                raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
+            return self.split_outputs(self.network(x_t, t).float(), x_t)
+        if not guidance_scale:
+            return self.split_outputs(self.network(x_t, t, labels).float(), x_t)
+        null = torch.full_like(labels, self.network.null_class)
+        out_cond, out_null = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                          torch.cat([labels, null])).float().chunk(2)
+        (eps_cond, nu), (eps_null, _) = self.split_outputs(out_cond, x_t), self.split_outputs(out_null, x_t)
+        return (1.0 + guidance_scale) * eps_cond - guidance_scale * eps_null, nu
+
+    def split_outputs(self, out, x_t):
+        """The network's output as (eps_pred, nu): nu is None unless learn_sigma stacks it on the channels."""
         if not self.learn_sigma:
             return out, None
         if out.shape[1] != 2 * x_t.shape[1]:
@@ -214,9 +247,10 @@ class DDPM(nn.Module):
                              f'the variance), got {out.shape[1]}; build it with create_cifar10_ddpm(learn_sigma=True)')
         return out.chunk(2, dim=1)
 
-    def predict_eps(self, x_t, t):
-        """eps_theta(x_t, t) alone: what deterministic samplers (DDIM) use, whatever else the network outputs."""
-        return self.network_outputs(x_t, t)[0]
+    def predict_eps(self, x_t, t, labels=None, guidance_scale=0.0):
+        """eps_theta(x_t, t) alone (guided, given labels and guidance_scale: see network_outputs): what
+        deterministic samplers (DDIM) use, whatever else the network outputs."""
+        return self.network_outputs(x_t, t, labels, guidance_scale)[0]
 
     def learned_log_variance(self, nu, t):
         """iDDPM Eq. 15: log Sigma = v log beta_t + (1 - v) log beta-tilde_t, with v = (nu + 1) / 2.
@@ -228,7 +262,7 @@ class DDPM(nn.Module):
         return (v * extract(self.log_betas, t, nu.shape)
                 + (1 - v) * extract(self.posterior_log_variance_clipped, t, nu.shape))
 
-    def p_mean_variance(self, x_t, t, clip_denoised=True, outputs=None):
+    def p_mean_variance(self, x_t, t, clip_denoised=True, outputs=None, labels=None, guidance_scale=0.0):
         """p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), with mu_theta from Eq. (11).
 
         mu_theta is written as the posterior mean mu-tilde_t(x_t, x_0_pred), which
@@ -236,9 +270,10 @@ class DDPM(nn.Module):
         released sampler does) is applied before it is used. sigma_t^2 is fixed
         (`variance`) or learned (iDDPM Eq. 15). `outputs` = (eps_pred, nu) skips
         the network call (the losses pass them, with eps_pred detached for L_hybrid).
+        labels and guidance_scale: classifier-free guidance, see `network_outputs`.
         Returns (mean, variance, log_variance, x_0_pred).
         """
-        eps_pred, nu = outputs if outputs is not None else self.network_outputs(x_t, t)
+        eps_pred, nu = outputs if outputs is not None else self.network_outputs(x_t, t, labels, guidance_scale)
         x_0_pred = self.predict_x0_from_eps(x_t, t, eps_pred)
         if clip_denoised:
             x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -259,17 +294,19 @@ class DDPM(nn.Module):
 
     @torch.inference_mode()
     def sample_progressive(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None,
-                           progress=True, clip_denoised=None, x_T=None, spacing=None):
+                           progress=True, clip_denoised=None, x_T=None, spacing=None, labels=None,
+                           guidance_scale=0.0):
         """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
         See `sample` for the arguments; the samplers themselves are in samplers.py.
         """
         device = torch.device(device) if device is not None else self.betas.device
+        labels = guidance.check_labels(labels, n, self.num_classes, device)
         yield from samplers.sample_loop(self, n, device, sampler, steps, eta, generator, progress, clip_denoised,
-                                        x_T, spacing)
+                                        x_T, spacing, labels, guidance_scale)
 
     def sample(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-               clip_denoised=None, x_T=None, spacing=None):
+               clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0):
         """Draw n samples, shaped [n, C, H, W] with values in [-1, 1].
 
         Args:
@@ -291,6 +328,10 @@ class DDPM(nn.Module):
             spacing: which steps 'ddim' and 'dpm-solver' visit: 'uniform' or
                 'quadratic' in t, or 'logsnr' (uniform in log-SNR); None: 'uniform'
                 for 'ddim', 'logsnr' for 'dpm-solver' (samplers.spaced_timesteps).
+            labels: for a class-conditional model, the class of every sample (one int
+                for all, or n); None samples unconditionally (the null class).
+            guidance_scale: w of classifier-free guidance, eps~ = (1 + w) eps(c) - w eps(null);
+                0 is the conditional model alone (see `network_outputs`).
         """
         device = torch.device(device) if device is not None else self.betas.device
         self.to(device)
@@ -298,7 +339,7 @@ class DDPM(nn.Module):
         self.eval()
         try:
             for _, x, _ in self.sample_progressive(n, device, sampler, steps, eta, generator, progress,
-                                                   clip_denoised, x_T, spacing):
+                                                   clip_denoised, x_T, spacing, labels, guidance_scale):
                 pass
         finally:
             self.train(was_training)

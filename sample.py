@@ -5,9 +5,15 @@
     python sample.py --checkpoint ckpt.pth --num_samples 50000 --batch_size 500 --npz samples.npz
     torchrun --nproc_per_node=8 sample.py --checkpoint ckpt.pth --num_samples 50000 --npz samples.npz
     python sample.py --checkpoint ckpt.pth --num_samples 8 --trajectory chain.png
+    python sample.py --checkpoint cond.pth --class_label cat --guidance_scale 1   # a class-conditional model
+    python sample.py --checkpoint cond.pth --classes all --num_samples 100       # grid: one row per class
 
 The model is rebuilt from the config stored in the checkpoint, with its EMA
-weights when it has them (--no-ema for the raw weights).
+weights when it has them (--no-ema for the raw weights). A class-conditional
+checkpoint (train.py --class_cond) samples one class (--class_label, an index or
+a name from its class_names), all classes in turn (--classes all: image i gets
+class i % num_classes), or none (unconditional, the null class); --guidance_scale w
+is classifier-free guidance. The .npz then holds the labels beside the images.
 
 Reproducibility: batch i (of --batch_size images) draws all its noise from its
 own generator, seeded from (--seed, i). The images therefore depend only on the
@@ -33,6 +39,7 @@ import torch
 from checkpoint import load_model
 from data.image_folder import save_npz
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
+from guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
 from sample_store import PartialRun, reuse_complete_npz, run_meta
 from runtime import (DEFAULT_AMP, Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256,
                      resolve_device, run_cli, write_json)
@@ -76,13 +83,13 @@ def resolve_steps(model, sampler, steps):
 
 @torch.inference_mode()
 def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
-                 amp=DEFAULT_AMP, spacing=None):
+                 amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0):
     """Batch `index` of a run: `count` images as uint8 [count, H, W, C] (numpy, on the CPU).
 
     Its noise comes from a CPU generator seeded from (seed, index), so the batch
     is the same whichever process draws it and whatever ran before. amp='auto'
     runs the network in bf16 where that is fast (CUDA, CPUs with native bf16);
-    the sampler's arithmetic stays fp32.
+    the sampler's arithmetic stays fp32. labels: this batch's classes (None: unconditional).
     """
     generator = torch.Generator().manual_seed(batch_seed(seed, index))
     model.eval()
@@ -90,13 +97,13 @@ def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=
     dtype = amp_dtype(amp, device)
     with autocast(device, dtype):
         x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                         progress=progress, spacing=spacing)
+                         progress=progress, spacing=spacing, labels=labels, guidance_scale=guidance_scale)
     return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
              parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None, amp=DEFAULT_AMP,
-             spacing=None):
+             spacing=None, labels=None, guidance_scale=0.0):
     """Sample `num_samples` images in batches; returns uint8 [N, H, W, C] on rank 0 (None on other ranks).
 
     parts_dir: a folder where every finished batch is saved at once, so that an
@@ -105,6 +112,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
     out_dir: also write each image as out_dir/NNNNNN.png as its batch finishes.
     dist: a `Distributed`; batch i is drawn by rank i % world_size.
     stats: a dict that receives 'sampled', the number of images this process drew.
+    labels: the class of every image (run_labels), or None; guidance_scale: classifier-free guidance's w.
     """
     counts = batch_counts(num_samples, batch_size)
     steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
@@ -134,10 +142,13 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
         from tqdm.auto import tqdm
         bar = tqdm(todo, desc=f'sampling {num_samples} images ({sampler}, {steps} steps)', unit='batch')
     for i in bar:
+        start = i * batch_size
         images = sample_batch(model, i, counts[i], sampler, steps, eta, seed, device,
-                              progress=progress and rank == 0 and len(todo) == 1, amp=amp, spacing=spacing)
+                              progress=progress and rank == 0 and len(todo) == 1, amp=amp, spacing=spacing,
+                              labels=labels[start:start + counts[i]] if labels is not None else None,
+                              guidance_scale=guidance_scale)
         if out_dir:
-            save_pngs(images, out_dir, first_index=i * batch_size)
+            save_pngs(images, out_dir, first_index=start)
         if store is not None:
             store.save(i, images)
         if store is None or rank == 0:
@@ -189,37 +200,46 @@ def assemble(done, counts, store, dist, rank):
 
 
 def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
-                      ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP, spacing=None):
+                      ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP, spacing=None,
+                      class_label=None, guidance_scale=0.0, with_labels=False):
     """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
 
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
     .npz is already complete with the same options (its <npz>.json says which).
+    class_label (an index, a class name or 'all') and guidance_scale: see resolve_class_label;
+    with_labels=True returns (images, labels as int64 numpy, or None when unconditional).
     """
     dist = Distributed(device)
     device = dist.device
     try:
         model, info = load_model(checkpoint, ema=ema, device=device)
         steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
+        class_label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, guidance_scale)
+        labels = run_labels(class_label, num_samples, model.num_classes)
         info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
-        meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing)
+        meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing, class_label,
+                        guidance_scale)
+        label_array = labels.numpy() if labels is not None else None
 
         # An .npz finished earlier with the same options is reused (rank 0 decides for all ranks).
         reused = reuse_complete_npz(npz, meta, num_samples) if npz and not out_dir and dist.is_main else None
         if dist.broadcast(reused is not None):
             if reused is not None and progress:
                 print(f'{npz} already holds these {num_samples} samples; reusing it', file=sys.stderr)
-            return reused
+            if reused is None:   # not rank 0
+                return None
+            return (reused, label_array) if with_labels else reused
 
         parts_dir = f'{npz}.parts' if npz else (os.path.join(out_dir, '.parts') if out_dir else None)
         start, stats = time.time(), {}
         images = generate(model, num_samples, batch_size, sampler, steps, eta, seed, device,
                           parts_dir=parts_dir, meta=meta, out_dir=out_dir, dist=dist, progress=progress, stats=stats,
-                          amp=amp, spacing=spacing)
+                          amp=amp, spacing=spacing, labels=labels, guidance_scale=guidance_scale)
         if images is None:
             return None
         seconds = time.time() - start
         if npz:
-            save_npz(npz, images)
+            save_npz(npz, images, labels)
             write_json(f'{npz}.json', {**meta, 'num_samples': int(num_samples),
                                        'shape': list(images.shape), 'dtype': 'uint8'})
         if parts_dir:
@@ -230,7 +250,7 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
             spaced = f', {spacing} spacing' if spacing else ''
             print(f'sampled {stats["sampled"]} images{where} in {seconds:.1f} s ({per_image:.1f} ms/image; '
                   f'{sampler}, {steps} steps{spaced}, {"EMA" if info["ema"] else "raw"} weights)', file=sys.stderr)
-        return images
+        return (images, label_array) if with_labels else images
     finally:
         dist.close()
 
@@ -249,7 +269,7 @@ def save_grid(images, path, nrow=None):
 
 @torch.inference_mode()
 def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, columns=TRAJECTORY_COLUMNS,
-               progress=True, amp=DEFAULT_AMP, spacing=None):
+               progress=True, amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0):
     """The denoising chain of n images: (ts, frames) with frames uint8 [n, columns, H, W, C].
 
     Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
@@ -268,8 +288,8 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     wanted = sorted({min(visited, key=lambda v: abs(v - target))
                      for target in np.linspace(T, 0, columns)}, reverse=True)
     frames = {T: x_T.to(device)} if T in wanted else {}
-    chain = model.sample_progressive(n, device, sampler, steps, eta, generator,
-                                     progress, x_T=x_T, spacing=spacing)
+    chain = model.sample_progressive(n, device, sampler, steps, eta, generator, progress, x_T=x_T, spacing=spacing,
+                                     labels=labels, guidance_scale=guidance_scale)
     with autocast(device, amp_dtype(amp, device)):
         for i, (step, x, _) in enumerate(chain):
             t = visited[i + 1] if step >= 0 else 0
@@ -277,6 +297,15 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
                 frames[t] = x
     stacked = torch.stack([to_uint8(frames[t].clamp(-1, 1)) for t in wanted], dim=1)   # [n, cols, C, H, W]
     return wanted, stacked.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def class_rows(images, labels, class_label):
+    """(images, nrow) for the grid: with --classes all one row per class (class_grid_order), else the first
+    GRID_MAX_IMAGES images in a square."""
+    if class_label != ALL_CLASSES:
+        return images[:GRID_MAX_IMAGES], None
+    order, nrow = class_grid_order(labels, int(labels.max()) + 1 if len(labels) else 1)
+    return images[order.numpy()][:GRID_MAX_IMAGES], nrow
 
 
 def save_trajectory(frames, path):
@@ -306,6 +335,15 @@ def build_parser():
                    help='which steps ddim and dpm-solver visit: uniform or quadratic in t, or logsnr (uniform in '
                         'log-SNR); default: uniform for ddim, logsnr for dpm-solver')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
+    which = p.add_mutually_exclusive_group()
+    which.add_argument('--class_label', default=None,
+                       help='class-conditional checkpoints: the class of every image, an index or a name from the '
+                            'checkpoint\'s class_names (default: unconditional, the null class)')
+    which.add_argument('--classes', choices=['all'], default=None,
+                       help='all: image i gets class i %% num_classes; the grid shows one row per class')
+    p.add_argument('--guidance_scale', type=float, default=0.0,
+                   help='classifier-free guidance w: eps = (1 + w) eps(class) - w eps(null); 0: the conditional '
+                        'model alone; larger trades diversity for fidelity')
     p.add_argument('--seed', type=int, default=0, help='the same seed and options give the same images')
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
                    help='EMA weights (default: when the checkpoint has them); --no-ema: the raw weights')
@@ -342,23 +380,29 @@ def run(args):
     rank = int(os.environ.get('RANK', '0'))
 
     written = []
+    class_label = args.classes or args.class_label
     if out or args.npz or args.out_dir:
-        images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps,
+        result = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps,
                                    args.eta, args.seed, args.ema, device, args.npz, args.out_dir, progress,
-                                   amp=args.amp, spacing=args.spacing)
-        if images is None:   # not rank 0
+                                   amp=args.amp, spacing=args.spacing, class_label=class_label,
+                                   guidance_scale=args.guidance_scale, with_labels=True)
+        if result is None:   # not rank 0
             return 0
+        images, labels = result
         if out:
-            written.append(save_grid(images[:GRID_MAX_IMAGES], out))
+            grid_images, nrow = class_rows(images, labels, class_label)
+            written.append(save_grid(grid_images, out, nrow))
         if args.npz:
             written.append(f'{args.npz} (uint8 {list(images.shape)})')
         if args.out_dir:
             written.append(f'{args.out_dir}/ ({images.shape[0]} PNG files)')
     if args.trajectory and rank == 0:
-        model, _ = load_model(args.checkpoint, ema=args.ema, device=device)
+        model, info = load_model(args.checkpoint, ema=args.ema, device=device)
         n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
+        label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, args.guidance_scale)
         ts, frames = trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,
-                                progress=progress, amp=args.amp, spacing=args.spacing)
+                                progress=progress, amp=args.amp, spacing=args.spacing,
+                                labels=run_labels(label, n, model.num_classes), guidance_scale=args.guidance_scale)
         written.append(f'{save_trajectory(frames, args.trajectory)} (rows: {n} images; columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
     for line in written:

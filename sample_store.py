@@ -61,7 +61,9 @@ class PartialRun:
 
 # The options that change the images; a partial run is continued only when all of them match.
 IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'spacing', 'eta', 'seed', 'batch_size', 'amp',
-                 'image_shape')
+                 'image_shape', 'class_label', 'guidance_scale')
+# Keys recorded since there is a choice, with the value older runs had.
+LEGACY_META = {'class_label': None, 'guidance_scale': 0.0}
 
 
 def meta_difference(old, new):
@@ -71,6 +73,7 @@ def meta_difference(old, new):
     diffs = []
     if 'spacing' not in old:   # recorded since there is a choice: older runs were uniform DDIM or DDPM
         old = {**old, 'spacing': 'uniform' if old.get('sampler') == 'ddim' else None}
+    old = {**LEGACY_META, **old}
     for key in IDENTITY_KEYS:
         if old.get(key) != new.get(key):
             if key == 'checkpoint_sha256':
@@ -81,8 +84,10 @@ def meta_difference(old, new):
     return '; '.join(diffs)
 
 
-def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=None):
-    """What the images depend on; `spacing` as the sampler resolved it (samplers.resolve_spacing)."""
+def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=None, class_label=None,
+             guidance_scale=0.0):
+    """What the images depend on; `spacing` as the sampler resolved it (samplers.resolve_spacing);
+    class_label: the class index of every image, 'all' (class i % num_classes for image i) or None."""
     return {
         'format': META_FORMAT,
         'checkpoint': info.get('checkpoint'),
@@ -97,6 +102,8 @@ def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=No
         'batch_size': int(batch_size),
         'amp': amp,
         'image_shape': list(model.image_shape),
+        'class_label': class_label,
+        'guidance_scale': float(guidance_scale),
     }
 
 

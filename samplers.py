@@ -10,7 +10,10 @@
 x_t on the way; `DDPM.sample` and `DDPM.sample_progressive` are its public
 entry points. Each function takes the DDPM first and uses only its schedule
 buffers, `model.p_mean_variance` (the ancestral step's mean and, fixed or learned,
-variance) and `model.predict_eps(x_t, t)` (the deterministic samplers' noise prediction).
+variance) and `model.predict_eps(x_t, t)` (the deterministic samplers' noise prediction),
+both read from `model.network_outputs`. `cond` holds the class labels and guidance
+scale of a class-conditional model (None for an unconditional one) and is passed to
+them as keywords, so classifier-free guidance reaches every sampler through that one place.
 
 The fast samplers visit `steps` integer steps (the network is discrete-time),
 chosen by `spaced_timesteps`: 'uniform' in t (DDIM's default), 'quadratic' in t
@@ -121,9 +124,11 @@ class OriginalSteps(nn.Module):
         super().__init__()
         self.network = network
         self.register_buffer('steps', steps, persistent=False)
+        # A class-conditional network stays one: guidance reads these.
+        self.num_classes, self.null_class = getattr(network, 'num_classes', None), getattr(network, 'null_class', None)
 
-    def forward(self, x_t, i):
-        return self.network(x_t, self.steps.to(i.device)[i])
+    def forward(self, x_t, i, *labels):
+        return self.network(x_t, self.steps.to(i.device)[i], *labels)
 
 
 def respaced(model, steps):
@@ -140,17 +145,17 @@ def respaced(model, steps):
                        learn_sigma=model.learn_sigma, loss=model.loss_type, betas=betas).to(model.betas.device)
 
 
-def ddpm_step(model, x_t, t, step, generator, clip_denoised):
+def ddpm_step(model, x_t, t, step, generator, clip_denoised, cond=None):
     """Algorithm 2, one step: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
-    mean, _, log_var, x_0_pred = model.p_mean_variance(x_t, t, clip_denoised)
+    mean, _, log_var, x_0_pred = model.p_mean_variance(x_t, t, clip_denoised, **(cond or {}))
     if step == 0:
         return mean, x_0_pred
     return mean + torch.exp(0.5 * log_var) * draw_noise(x_t.shape, generator, x_t.device), x_0_pred
 
 
-def ddim_step(model, x_t, t, step, prev, eta, generator, clip_denoised):
+def ddim_step(model, x_t, t, step, prev, eta, generator, clip_denoised, cond=None):
     """DDIM, Eq. (12) of Song et al.: step from t to prev (prev = -1 means a-bar = 1, i.e. x_0)."""
-    eps = model.predict_eps(x_t, t)
+    eps = model.predict_eps(x_t, t, **(cond or {}))
     x_0_pred = model.predict_x0_from_eps(x_t, t, eps)
     if clip_denoised:
         x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -186,12 +191,12 @@ def dpm_solver_coefficients(model, seq):
     return coefs
 
 
-def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised):
+def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised, cond=None):
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, one step: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
     with D = (1 + 1/(2r)) x_theta(x_s, s) - 1/(2r) x_theta(x_{s'}, s') from the previous step s' (see
     dpm_solver_coefficients). x_theta is the data prediction x_0_pred, clipped to [-1, 1] only if asked."""
     c_x, c_d, w = coef
-    eps = model.predict_eps(x_s, s)
+    eps = model.predict_eps(x_s, s, **(cond or {}))
     x_0_pred = model.predict_x0_from_eps(x_s, s, eps)
     if clip_denoised:
         x_0_pred = x_0_pred.clamp(-1.0, 1.0)
@@ -200,12 +205,16 @@ def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised):
 
 
 def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-                clip_denoised=None, x_T=None, spacing=None):
+                clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0):
     """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
     steps None: all T for 'ddpm' and 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver'; spacing None and
-    clip_denoised None: the sampler's defaults (DEFAULT_SPACING, CLIPS_BY_DEFAULT).
+    clip_denoised None: the sampler's defaults (DEFAULT_SPACING, CLIPS_BY_DEFAULT). labels (a LongTensor
+    [n] or None) and guidance_scale: classifier-free guidance, see DDPM.network_outputs.
     """
+    if labels is None and guidance_scale:
+        raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
+    cond = None if labels is None else {'labels': labels, 'guidance_scale': guidance_scale}
     check_options(model.timesteps, sampler, steps, spacing, eta)
     if clip_denoised is None:
         clip_denoised = CLIPS_BY_DEFAULT[sampler]
@@ -224,11 +233,12 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
         index = step if chain is model else len(seq) - 1 - i
         t = torch.full((n,), index, device=device, dtype=torch.long)
         if sampler == 'ddpm':
-            x, x_0_pred = ddpm_step(chain, x, t, index, generator, clip_denoised)
+            x, x_0_pred = ddpm_step(chain, x, t, index, generator, clip_denoised, cond)
         elif sampler == 'ddim':
             prev = seq[i + 1] if i + 1 < len(seq) else -1
-            x, x_0_pred = ddim_step(model, x, t, step, prev, eta, generator, clip_denoised)
+            x, x_0_pred = ddim_step(model, x, t, step, prev, eta, generator, clip_denoised, cond)
         else:
-            x, x_0_pred = dpm_solver_step(model, x, t, x_0_pred, coefs[i], clip_denoised)
+            x, x_0_pred = dpm_solver_step(model, x, t, x_0_pred, coefs[i], clip_denoised, cond)
         yield step, x, x_0_pred
     yield -1, x.clamp(-1.0, 1.0), x_0_pred
+

@@ -90,6 +90,8 @@ def train_ddpm(
     learn_sigma: bool = False,        # the U-Net also outputs the reverse variance (Improved DDPM); needs a loss below
     loss: str = 'simple',             # 'simple' (the paper's L_simple) | 'hybrid' (+ 0.001 L_vlb) | 'vlb'
     importance_sampling: bool = False,  # loss='vlb' only: draw t with p_t ~ sqrt(E[L_t^2]) (Improved DDPM 3.3)
+    class_cond: bool = False,         # class-conditional model for classifier-free guidance, labels from the dataset
+    p_uncond: float = 0.1,            # with class_cond: probability that a label is dropped to the null class
 ):
     """Train a DDPM; returns its EMA model, the one every sample path uses (`model.sample(...)`).
 
@@ -108,7 +110,9 @@ def train_ddpm(
 
 OPTIONS = list(inspect.signature(train_ddpm).parameters)
 DEFAULTS = {k: p.default for k, p in inspect.signature(train_ddpm).parameters.items()}
-MODEL_KEYS = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
+MODEL_KEYS = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS + ('class_cond',)
+# Training options added after checkpoints had been written, with the value those checkpoints were trained with.
+TRAIN_LEGACY_DEFAULTS = {'class_cond': False}
 
 
 # ----- configuration ------------------------------------------------------------------------
@@ -125,6 +129,8 @@ def validate_config(c):
         raise ValueError(f'sample_steps={c["sample_steps"]} must not exceed timesteps={c["timesteps"]}')
     if c['max_steps'] is not None and c['max_steps'] < 1:
         raise ValueError(f'max_steps must be a positive integer or None, got {c["max_steps"]!r}')
+    if not 0 <= c['p_uncond'] <= 1:
+        raise ValueError(f'p_uncond must be in [0, 1], got {c["p_uncond"]!r}')
     if not 0 <= c['ema_decay'] < 1:
         raise ValueError(f'ema_decay must be in [0, 1), got {c["ema_decay"]!r}')
     if c['warmup_steps'] < 0 or c['grad_clip'] < 0 or c['num_samples'] < 0:
@@ -167,8 +173,8 @@ def merge_resumed_config(config, ckpt_config, say):
     """Take the model options of a resumed run from its checkpoint unless they were set differently now."""
     merged = dict(config)
     differ = []
-    for key in MODEL_KEYS + ('seed', 'run_name'):
-        if key not in ckpt_config:
+    for key in MODEL_KEYS + ('seed', 'run_name', 'p_uncond'):
+        if key not in ckpt_config or key not in config:   # (num_classes is set from the data, not asked for)
             continue
         old, new = plain(ckpt_config[key]), plain(config[key])
         if new == plain(DEFAULTS.get(key)):
@@ -178,6 +184,8 @@ def merge_resumed_config(config, ckpt_config, say):
     if differ:
         raise CheckpointError('the resume checkpoint was trained with a different model config ('
                               + '; '.join(differ) + '); drop those options to continue it, or start a new run')
+    if merged.get('class_cond') and ckpt_config.get('class_names') is not None:
+        merged['class_names'] = ckpt_config['class_names']   # the data's classes must match them (TrainLoop)
     for key in ('batch_size', 'dataset', 'image_size'):
         if key in ckpt_config and plain(ckpt_config[key]) != plain(merged[key]):
             say(f'note: {key} changed from {ckpt_config[key]!r} to {merged[key]!r}; the data order will differ '
@@ -196,7 +204,8 @@ def _train(config, dist):
         if 'optimizer_state_dict' not in ckpt or 'step' not in ckpt:
             raise CheckpointError(f'{resume_path} holds weights only (no optimizer state or step), so training '
                                   f'cannot resume from it; load it with DDPM.from_checkpoint instead')
-        config = merge_resumed_config(config, {**LEGACY_DEFAULTS, **(ckpt.get('config') or {})}, say)
+        config = merge_resumed_config(config, {**TRAIN_LEGACY_DEFAULTS, **LEGACY_DEFAULTS,
+                                               **(ckpt.get('config') or {})}, say)
     if dist.world_size > 1:
         check_ranks_agree(int(ckpt['step']) if ckpt is not None else -1, dist.device)
     if config['run_name'] is None:

@@ -5,13 +5,15 @@
         run          Algorithm 1 of Ho et al. 2020 plus bookkeeping: batches -> run_step -> log_step,
                      checkpoints and sample grids at epoch ends, a clean stop on SIGINT/SIGTERM
         run_step     one optimizer step on the loss: noise from (seed, step), forward/backward over
-                     micro-batches, gradient clipping, the NaN/inf skip, Adam, the EMA update
+                     micro-batches, gradient clipping, the NaN/inf skip, Adam, the EMA update;
+                     with class_cond, labels dropped to the null class with probability p_uncond
         log_step     TensorBoard scalars and the progress line
         save         ddpm_latest.pth (and ddpm_epoch_N.pth), atomically, never NaN weights
         sample_grid  a fixed-seed grid from the EMA weights
 
 Reproducibility: the data order and flips come from (seed, epoch), the t and eps of
-every step from (seed, step) over the global batch, and dropout from (seed, step, rank),
+every step from (seed, step) over the global batch (so do the dropped labels of a
+class-conditional run, from a stream of their own), and dropout from (seed, step, rank),
 so a resumed run continues exactly, and N ranks or accum_steps micro-batches see
 exactly the batch one process would. With importance_sampling, t also depends on the loss
 history (timestep_sampler.ImportanceSampler), which every rank holds whole and checkpoints carry.
@@ -31,6 +33,7 @@ from checkpoint import load_model_state, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import create_cifar10_ddpm, model_kwargs
 from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
+from guidance import class_grid_order, cycled_labels, drop_labels
 from timestep_sampler import ImportanceSampler, step_noise, stream_seed
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -71,8 +74,8 @@ class TrainLoop:
                              f'{world_size} x {c["accum_steps"]}; pick a multiple of {world_size * c["accum_steps"]}')
         self.per_rank = c['batch_size'] // world_size
         self.micro = self.per_rank // c['accum_steps']
+        self._load_data()   # first: a class-conditional model takes its number of classes from the data
         self._build_model(ckpt, resume_path)
-        self._load_data()
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * c['num_epochs']
         if c['max_steps'] is not None:
@@ -87,6 +90,7 @@ class TrainLoop:
         self.t_sampler = ImportanceSampler(c['timesteps']) if c.get('importance_sampling') else None
         if self.t_sampler is not None and ckpt is not None and ckpt.get('timestep_sampler') is not None:
             self.t_sampler.load_state_dict(ckpt['timestep_sampler'])
+        self.cond_generator = torch.Generator(device=self.device) if c['class_cond'] else None
         self.log_t, self.log_images, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
         self._open_logs()
         self._start_fid()
@@ -151,12 +155,27 @@ class TrainLoop:
         """
         c, dist = self.c, self.dist
         turn = 0 if dist.rank == 0 else 1 if dist.local_rank == 0 else 2
+        labels = None
         for t in range(3 if dist.world_size > 1 else 1):
             if t == turn:
-                self.images = load_dataset(c['dataset'], c['data_dir'], image_size=c['image_size'], train=True)
+                data = load_dataset(c['dataset'], c['data_dir'], image_size=c['image_size'], train=True,
+                                    labels=c['class_cond'])
+                self.images, labels, classes = data if c['class_cond'] else (data, None, None)
             dist.barrier()
+        if c['class_cond']:
+            self._set_classes(classes)
         self.loader = InMemoryLoader(self.images, c['batch_size'], seed=c['seed'], rank=dist.rank,
-                                     world_size=dist.world_size, device=self.device)
+                                     world_size=dist.world_size, device=self.device, labels=labels)
+
+    def _set_classes(self, classes):
+        """num_classes and class_names into the config (and so into every checkpoint); a resumed run's must match."""
+        c = self.c
+        if c.get('class_names') is not None and list(c['class_names']) != list(classes):
+            raise ValueError(f'the resumed run was trained on the classes {list(c["class_names"])}, but '
+                             f'{c["data_dir"]} has {classes}; resume it on the same dataset')
+        if len(classes) < 2:
+            raise ValueError(f'class_cond needs at least two classes, {c["data_dir"]} has {classes}')
+        c['num_classes'], c['class_names'] = len(classes), list(classes)
 
     def _open_logs(self):
         """config.json and TensorBoard under log_dir/run_name (rank 0), and the run's opening lines."""
@@ -205,8 +224,9 @@ class TrainLoop:
             while self.step < self.total_steps and self.stop_reason is None:
                 self.loader.set_epoch(epoch)
                 self.bar.set_description(f'epoch {epoch + 1}/{c["num_epochs"]}')
-                for x_0 in self.loader.iterate(start_batch):
-                    loss, grad_norm, finite = self.run_step(x_0)
+                for batch in self.loader.iterate(start_batch):
+                    x_0, labels = batch if c['class_cond'] else (batch, None)
+                    loss, grad_norm, finite = self.run_step(x_0, labels)
                     if self.bad_in_a_row >= MAX_BAD_STEPS:
                         self.stop_reason = 'nan'
                         break
@@ -223,7 +243,7 @@ class TrainLoop:
         self.bar.close()
         return self.finish()
 
-    def run_step(self, x_0):
+    def run_step(self, x_0, labels=None):
         """One optimizer step; returns (loss, grad_norm, finite). A non-finite step is skipped, not applied."""
         c, rank, per_rank = self.c, self.dist.rank, self.per_rank
         x_0 = x_0.contiguous(memory_format=self.memory_format)
@@ -232,10 +252,13 @@ class TrainLoop:
                                            tuple(self.images.shape[1:]), c['timesteps'], self.t_sampler)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         t, eps, weights = t_all[mine], eps_all[mine], w_all[mine] if w_all is not None else None
+        if labels is not None:
+            labels = drop_labels(self.cond_generator, stream_seed('cond', c['seed'], self.step), labels,
+                                 c['p_uncond'], self.raw_model.network.null_class, c['batch_size'], rank)
         torch.manual_seed(stream_seed('dropout', c['seed'], self.step, rank))
         for group in self.optimizer.param_groups:
             group['lr'] = c['lr'] * min(1.0, (self.step + 1) / max(1, c['warmup_steps']))
-        loss, per_image = self.forward_backward(x_0, t, eps, weights)
+        loss, per_image = self.forward_backward(x_0, t, eps, weights, labels)
         self.scaler.unscale_(self.optimizer)   # clip the true gradients (a no-op without fp16)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'] if c['grad_clip'] > 0 else math.inf)
         # A NaN/inf loss can come with finite gradients (e.g. a NaN added outside the graph): check both.
@@ -263,7 +286,7 @@ class TrainLoop:
         self.bar.update(1)
         return loss, grad_norm, finite
 
-    def forward_backward(self, x_0, t, eps, weights=None):
+    def forward_backward(self, x_0, t, eps, weights=None, labels=None):
         """The loss over accum_steps micro-batches, gradients summed as for one batch.
 
         Returns the mean loss and, for importance sampling, this rank's per-image losses (else None).
@@ -275,10 +298,12 @@ class TrainLoop:
             no_sync = not sync and hasattr(self.train_module, 'no_sync')
             with self.train_module.no_sync() if no_sync else nullcontext(), autocast(self.device,
                                                                                      self.autocast_dtype):
+                # Class labels as a keyword only when there are some: the unconditional call is unchanged.
+                cond = {} if labels is None else {'labels': labels[sl]}
                 if self.t_sampler is None:
-                    loss = self.train_module(x_0[sl], t[sl], eps[sl])
+                    loss = self.train_module(x_0[sl], t[sl], eps[sl], **cond)
                 else:   # weights 1 / (T p_t) keep the weighted mean an unbiased estimate of the bound
-                    losses = self.train_module(x_0[sl], t[sl], eps[sl], 'none')
+                    losses = self.train_module(x_0[sl], t[sl], eps[sl], 'none', **cond)
                     per_image.append(losses.detach().float())
                     loss = (losses * weights[sl]).mean() if weights is not None else losses.mean()
             self.scaler.scale(loss / accum).backward()
@@ -392,18 +417,25 @@ class TrainLoop:
         return save_checkpoint(state, self.latest_path)
 
     def sample_grid(self, epoch):
-        """A grid from the EMA weights with a fixed seed, so grids are comparable across epochs."""
+        """A grid from the EMA weights with a fixed seed, so grids are comparable across epochs.
+        A class-conditional model's grid has one row per class (num_samples // num_classes images each)."""
         import torchvision
         c = self.c
         if not self.is_main or c['num_samples'] == 0:
             return
         self.grid_made_at = self.step
         g = torch.Generator().manual_seed(c['seed'])
+        n, labels, nrow = c['num_samples'], None, int(math.ceil(math.sqrt(c['num_samples'])))
+        if c['class_cond']:
+            n = max(1, n // c['num_classes']) * c['num_classes']
+            labels = cycled_labels(n, c['num_classes'])
+            order, nrow = class_grid_order(labels, c['num_classes'])
         with autocast(self.device, self.autocast_dtype):
-            x = self.ema_model.sample(c['num_samples'], device=self.device, sampler=c['sample_sampler'],
+            x = self.ema_model.sample(n, device=self.device, sampler=c['sample_sampler'],
                                       steps=c['sample_steps'] if c['sample_sampler'] != 'ddpm' else None,
-                                      generator=g, progress=True)
-        grid = torchvision.utils.make_grid((x.float() + 1) / 2, nrow=int(math.ceil(math.sqrt(len(x)))))
+                                      generator=g, progress=True, labels=labels)
+        x = x[order.to(x.device)] if labels is not None else x
+        grid = torchvision.utils.make_grid((x.float() + 1) / 2, nrow=nrow)
         path = os.path.join(self.run_dir, 'samples', f'epoch_{epoch:04d}.png')
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torchvision.utils.save_image(grid, path)

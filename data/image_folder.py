@@ -1,7 +1,8 @@
 """Image files: the one reader of image folders, and the .npz image arrays FID tools exchange.
 
 `load_image_folder` decodes a folder (its train/ or test/ split) into one uint8
-tensor at the training resolution and caches it on disk; `read_image_folder`
+tensor at the training resolution and caches it on disk (with labels=True also
+the class of every image, from its class subfolder: folder/train/<class>/...); `read_image_folder`
 reads images at their own size for scoring (evaluate.py); both find files with
 `list_images`. `save_npz` / `read_npz_images` write and read uint8 [N, H, W, C].
 """
@@ -22,8 +23,11 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 
 
-def load_image_folder(folder, image_size=32, train=True):
+def load_image_folder(folder, image_size=32, train=True, labels=False):
     """Decode every image under `folder` (recursively) into a uint8 tensor, cached on disk.
+
+    labels=True returns (images, labels, class_names) instead: class_names are the
+    split's subfolders, sorted, and labels (int64) index them, one per image.
 
     The split is `folder/train` (train=True) or `folder/test` (train=False)
     when that subfolder exists, else the folder itself. Each image is converted
@@ -35,25 +39,51 @@ def load_image_folder(folder, image_size=32, train=True):
     cache dir ($XDG_CACHE_HOME or ~/.cache, then ddpm_data/) when the folder is
     read-only. The key hashes the file list with sizes and mtimes, the
     image_size and CACHE_VERSION, so adding, removing or editing any image
-    triggers a fresh decode.
+    triggers a fresh decode. The cache also lists the files that failed to decode,
+    so that labels line up with the images a cache holds.
     """
     folder = _split_folder(folder, train)
     paths = list_images(folder)
+    classes = class_subfolders(folder, paths) if labels else None
     key = _cache_key(folder, paths, image_size)
     candidates = _cache_candidates(folder, image_size, key)
     for path, _ in candidates:
-        images = _read_cache(path, key)
-        if images is not None:
-            print(f'loaded {len(images)} images from cache {path}')
-            return images
+        cache = _read_cache(path, key)
+        if cache is not None and labels:
+            # Caches written before 'failed' was kept say nothing about which files they skipped.
+            failed = cache.get('failed', [] if len(cache['images']) == len(paths) else None)
+            cache = None if failed is None else {**cache, 'failed': failed}
+        if cache is not None:
+            print(f'loaded {len(cache["images"])} images from cache {path}')
+            return _with_labels(cache['images'], folder, paths, cache.get('failed'), classes)
 
     images, failed = decode_images(paths, image_size)
     if failed:
         print(f'skipped {len(failed)} unreadable file{"s" if len(failed) > 1 else ""}, e.g. {failed[0]}')
     if len(images) == 0:
         raise ValueError(f'none of the {len(paths)} image files under {folder} could be read, e.g. {failed[0]}')
-    _write_cache(images, key, candidates)
-    return images
+    _write_cache(images, key, candidates, [os.path.relpath(p, folder) for p in failed])
+    return _with_labels(images, folder, paths, [os.path.relpath(p, folder) for p in failed], classes)
+
+
+def class_subfolders(folder, paths):
+    """The sorted class names of an image folder: the first subfolder of every image under `folder`."""
+    loose = [p for p in paths if os.path.dirname(os.path.relpath(p, folder)) == '']
+    if loose:
+        raise ValueError(f'class labels come from class subfolders ({folder}/<class>/...), but {loose[0]} lies '
+                         f'directly in {folder}; move the images into one folder per class')
+    return sorted({os.path.relpath(p, folder).split(os.sep)[0] for p in paths})
+
+
+def _with_labels(images, folder, paths, failed, classes):
+    """images alone (classes None), or (images, labels int64, class names) for the files that decoded."""
+    if classes is None:
+        return images
+    skipped = set(failed)
+    index = {name: i for i, name in enumerate(classes)}
+    kept = [os.path.relpath(p, folder) for p in paths if os.path.relpath(p, folder) not in skipped]
+    labels = torch.tensor([index[rel.split(os.sep)[0]] for rel in kept], dtype=torch.int64)
+    return images, labels, list(classes)
 
 
 def list_images(folder):
@@ -152,22 +182,24 @@ def _cache_candidates(folder, image_size, key):
 
 
 def _read_cache(path, key):
-    """The cached tensor when `path` exists and was made for `key`, else None (a broken cache is ignored)."""
+    """The cache's dict ('images', and 'failed' in newer ones) when `path` exists and was made for `key`,
+    else None (a broken cache is ignored)."""
     if not os.path.isfile(path):
         return None
     try:
         cache = torch.load(path, map_location='cpu', weights_only=True)
-        return cache['images'] if cache.get('key') == key else None
+        return cache if cache.get('key') == key else None
     except Exception as e:
         print(f'ignoring unreadable cache {path} ({type(e).__name__}); decoding again', file=sys.stderr)
         return None
 
 
-def _write_cache(images, key, candidates):
-    """Save to the first writable candidate and delete the caches it supersedes; never fatal."""
+def _write_cache(images, key, candidates, failed=()):
+    """Save to the first writable candidate and delete the caches it supersedes; never fatal.
+    `failed`: the files (relative paths) that could not be decoded, so labels can skip them too."""
     for path, stale in candidates:
         try:
-            _atomic_save({'images': images, 'key': key}, path)
+            _atomic_save({'images': images, 'key': key, 'failed': list(failed)}, path)
         except OSError:
             continue
         for old in glob.glob(stale):
@@ -201,9 +233,12 @@ def read_image_folder(folder):
     return np.stack(images)
 
 
-def save_npz(path, images):
-    """uint8 [N, H, W, C] as arr_0 of an .npz: the layout FID tools (e.g. guided-diffusion's evaluator) read."""
-    return atomic_write(path, lambda f: np.savez(f, images))
+def save_npz(path, images, labels=None):
+    """uint8 [N, H, W, C] as arr_0 of an .npz: the layout FID tools (e.g. guided-diffusion's evaluator) read;
+    class labels, when given, as a second array 'labels' (int64 [N]) that such tools ignore."""
+    if labels is None:
+        return atomic_write(path, lambda f: np.savez(f, images))
+    return atomic_write(path, lambda f: np.savez(f, images, labels=np.asarray(labels, dtype=np.int64)))
 
 
 def read_npz_images(path):

@@ -14,11 +14,18 @@ Python work from the training loop and makes batches exactly reproducible.
         for x_0 in loader:                                        # float [128, 3, 32, 32] in [-1, 1]
             ...
 
+    # Class labels (class-conditional training): the same images, their labels and the class names.
+    images, labels, classes = load_dataset('cifar10', 'data', labels=True)   # labels int64 [50000]
+    loader = InMemoryLoader(images, batch_size=128, labels=labels)
+    for x_0, y in loader:                                         # y: the labels of x_0's images
+        ...
+
 Sources:
     'cifar10'    torchvision's CIFAR-10 (downloaded into data_dir when missing).
     'folder'     any folder of images, searched recursively; decoded once, then
                  cached as a tensor file (data/image_folder.py).
-    'synthetic'  seeded smooth colour blobs on gradients; needs no files.
+    'synthetic'  seeded smooth colour blobs on gradients; needs no files. Its two
+                 classes are 'dark' and 'light' (mean pixel below / above the median).
 """
 
 import hashlib
@@ -35,8 +42,11 @@ DATASETS = ('cifar10', 'folder', 'synthetic')
 
 # ----------------------------------------------------------------------------- public API
 
-def load_dataset(dataset, data_dir, image_size=32, train=True, download=True, num_synthetic=512):
+def load_dataset(dataset, data_dir, image_size=32, train=True, download=True, num_synthetic=512, labels=False):
     """Return a whole dataset as one uint8 tensor [N, 3, image_size, image_size].
+
+    labels=True returns (images, labels, class_names): labels int64 [N] index the
+    list of class names (CIFAR-10's ten, an image folder's sorted class subfolders).
 
     Args:
         dataset: 'cifar10', 'folder' or 'synthetic'.
@@ -49,11 +59,12 @@ def load_dataset(dataset, data_dir, image_size=32, train=True, download=True, nu
     if dataset in ('cifar10', 'folder') and not data_dir:
         raise ValueError(f"dataset={dataset!r} needs a data_dir")
     if dataset == 'cifar10':
-        return load_cifar10(data_dir, image_size=image_size, train=train, download=download)
+        return load_cifar10(data_dir, image_size=image_size, train=train, download=download, labels=labels)
     if dataset == 'folder':
-        return load_image_folder(data_dir, image_size=image_size, train=train)
+        return load_image_folder(data_dir, image_size=image_size, train=train, labels=labels)
     if dataset == 'synthetic':
-        return synthetic_images(num_synthetic, image_size=image_size, seed=0 if train else 1)
+        images = synthetic_images(num_synthetic, image_size=image_size, seed=0 if train else 1)
+        return synthetic_labels(images) if labels else images
     raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
 
 
@@ -69,8 +80,9 @@ def to_uint8(x):
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
-def load_cifar10(data_dir, image_size=32, train=True, download=True):
-    """CIFAR-10 through torchvision, read straight from its numpy array (no per-image transforms)."""
+def load_cifar10(data_dir, image_size=32, train=True, download=True, labels=False):
+    """CIFAR-10 through torchvision, read straight from its numpy array (no per-image transforms);
+    labels=True: (images, labels, class names)."""
     import torchvision
 
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
@@ -85,7 +97,10 @@ def load_cifar10(data_dir, image_size=32, train=True, download=True):
             f"extracted 'cifar-10-batches-py' folder (or 'cifar-10-python.tar.gz') into {data_dir}, "
             "or train on an image folder with dataset='folder' and data_dir=<folder>.") from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-    return images if image_size == 32 else resize_uint8(images, image_size)
+    images = images if image_size == 32 else resize_uint8(images, image_size)
+    if labels:
+        return images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes)
+    return images
 
 
 def resize_uint8(images, image_size, chunk=4096):
@@ -113,6 +128,12 @@ def synthetic_images(n, image_size=32, seed=0, chunk=1024):
     for start in range(0, n, chunk):  # bounded memory; a fixed chunk keeps the random stream fixed
         out[start:start + chunk] = _synthetic_chunk(min(chunk, n - start), xx, yy, g)
     return out
+
+
+def synthetic_labels(images):
+    """(images, labels, ['dark', 'light']): label 1 where an image's mean pixel is above the median."""
+    brightness = images.float().mean(dim=(1, 2, 3))
+    return images, (brightness > brightness.median()).long(), ['dark', 'light']
 
 
 def _synthetic_chunk(m, xx, yy, g):
@@ -152,10 +173,14 @@ class InMemoryLoader:
     The whole tensor is moved to `device` once here, so a training step does
     only an on-device gather and no host-to-device copy (pinned memory would
     buy nothing). Call set_epoch(epoch) before each epoch, like a DistributedSampler.
+
+    labels: an int64 [N] tensor of class labels; then every batch is (x_0, labels of
+    its images), in the same order, and the images are exactly those of a loader
+    without labels (the labels draw nothing from the random stream).
     """
 
     def __init__(self, images_uint8, batch_size, seed=0, rank=0, world_size=1, flip=True, device='cpu',
-                 drop_last=True):
+                 drop_last=True, labels=None):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f'images must be uint8 [N, C, H, W], got {images_uint8.dtype} '
                              f'{list(images_uint8.shape)}')
@@ -168,7 +193,10 @@ class InMemoryLoader:
         if batch_size % world_size:
             raise ValueError(f'batch_size={batch_size} is the global batch and must be divisible by '
                              f'world_size={world_size}')
+        if labels is not None and (labels.dtype != torch.int64 or labels.shape != (n,)):
+            raise ValueError(f'labels must be int64 [{n}] (one per image), got {labels.dtype} {list(labels.shape)}')
         self.images = images_uint8.to(device)
+        self.labels = labels.to(device) if labels is not None else None
         self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.flip, self.drop_last = flip, drop_last
@@ -188,7 +216,8 @@ class InMemoryLoader:
         return self.iterate()
 
     def iterate(self, start_batch=0):
-        """Yield float batches in [-1, 1] on the device, starting at batch `start_batch` of this epoch.
+        """Yield float batches in [-1, 1] on the device, starting at batch `start_batch` of this epoch
+        (with labels: (batch, its labels)).
 
         With drop_last=False the last global batch is smaller and is split as
         evenly as possible across ranks (a rank may get one image fewer).
@@ -203,7 +232,7 @@ class InMemoryLoader:
             if flips is not None:
                 flip = flips[span].tensor_split(self.world_size)[self.rank]
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            yield to_model_range(x)
+            yield to_model_range(x) if self.labels is None else (to_model_range(x), self.labels[idx])
 
     def _epoch_plan(self):
         """This epoch's sample order and per-sample flip coins, drawn on the CPU, moved to the device."""

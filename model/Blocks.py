@@ -1,7 +1,8 @@
 """The U-Net that predicts the noise eps in x_t (Ho et al. 2020, Appendix B).
 
 Only nn.Modules live here: the network knows nothing of noise schedules,
-datasets or training loops. `UNet(x_t, t)` returns a tensor shaped like x_t.
+datasets or training loops. `UNet(x_t, t)` returns a tensor shaped like x_t;
+a class-conditional one (`num_classes`) takes `UNet(x_t, t, labels)`.
 
 Structure (as in the paper's CIFAR-10 model): a sinusoidal time embedding and
 an MLP; per resolution level `num_res_blocks` ResNet blocks (with self-attention
@@ -243,14 +244,21 @@ class UNet(nn.Module):
 
     downsample_padding: 'same' (the paper's TF padding, the default) or
     'symmetric' (what checkpoints written before the option had); see Downsample.
+    num_classes: None for the unconditional network (the paper's). An int makes it
+    eps_theta(x_t, t, c) of classifier-free guidance (Ho & Salimans 2022): a learned
+    embedding of the class c, added to the time embedding, with one extra row
+    (index num_classes, `null_class`) for "no class", which the same network learns
+    by training on labels dropped at random.
     out_channels (default in_channels) widens the output, e.g. to eps and a variance.
     """
 
     def __init__(self, in_channels=3, channels=(64, 128, 256), num_res_blocks=2, time_emb_dim=128,
                  attn_resolutions=(16, 8), num_heads=4, dropout=0.1, image_size=32, downsample_padding='same',
-                 out_channels=None):
+                 out_channels=None, num_classes=None):
         super().__init__()
         out_channels = out_channels or in_channels  # 2 * in_channels for eps and a variance (Nichol & Dhariwal 2021)
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f'num_classes must be a positive integer or None (unconditional), got {num_classes!r}')
         channels, attn_resolutions = tuple(channels), tuple(attn_resolutions)
         levels = len(channels)
         if levels < 1 or num_res_blocks < 1:
@@ -268,10 +276,14 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
                            time_emb_dim=time_emb_dim, attn_resolutions=attn_resolutions,
                            num_heads=num_heads, dropout=dropout, image_size=image_size,
-                           downsample_padding=downsample_padding, out_channels=out_channels)
+                           downsample_padding=downsample_padding, out_channels=out_channels,
+                           num_classes=num_classes)
         self.in_channels, self.image_size = in_channels, image_size
+        self.num_classes = num_classes
 
         self.time_embedding = SinusoidalTimeEmbedding(channels[0], time_emb_dim)
+        # An unconditional net has no such module, so its state_dict is what it always was.
+        self.class_embedding = nn.Embedding(num_classes + 1, time_emb_dim) if num_classes is not None else None
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
 
         # Encoder; record the channels of every activation the decoder will concatenate.
@@ -300,8 +312,19 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, x_t, t):
+    @property
+    def null_class(self):
+        """The label index that means "no class" (the unconditional half of guidance)."""
+        return self.num_classes
+
+    def forward(self, x_t, t, labels=None):
         temb = self.time_embedding(t)
+        if self.class_embedding is not None:
+            if labels is None:   # no label: the null class, i.e. the unconditional model
+                labels = torch.full_like(t, self.null_class)
+            temb = temb + self.class_embedding(labels)
+        elif labels is not None:
+            raise ValueError('this U-Net is unconditional (num_classes=None), so it takes no class labels')
         h = self.conv_in(x_t)
         skips = [h]
         for block in self.down:

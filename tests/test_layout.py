@@ -15,18 +15,21 @@ ALLOWED = {
     'data.image_folder': {'runtime'},
     'data.process_cifar': {'data.image_folder'},
     'samplers': set(),
+    'guidance': {'runtime'},
     'losses': set(),
-    'diffusion': {'model.Blocks', 'losses', 'samplers', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
+    'diffusion': {'model.Blocks', 'guidance', 'losses', 'samplers', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
     'checkpoint': {'diffusion', 'runtime', 'diffusers_io'},   # diffusers_io: only inside load_checkpoint
     'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
     'sample_store': {'data.image_folder', 'runtime'},
     'timestep_sampler': set(),
-    'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'runtime', 'timestep_sampler', 'train_fid'},
+    'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'guidance', 'runtime', 'timestep_sampler',
+                   'train_fid'},
     'inception': set(),
     'fid': {'data.image_folder', 'data.process_cifar', 'inception', 'runtime'},
     'train_fid': {'checkpoint', 'fid', 'sample'},
     'train': {'checkpoint', 'diffusion', 'runtime', 'samplers', 'train_util'},
-    'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'runtime', 'sample_store', 'samplers'},
+    'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'guidance', 'runtime', 'sample_store',
+               'samplers'},
     'evaluate': {'checkpoint', 'data.process_cifar', 'fid', 'inception', 'runtime', 'sample', 'samplers'},
     'convert': {'checkpoint', 'diffusers_io', 'runtime'},
 }
