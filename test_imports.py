@@ -40,8 +40,8 @@ def main():
 
     import torch
     # The repo's own modules must import too; train.py decides the device.
-    for module in ('model.Blocks', 'losses', 'diffusion', 'samplers', 'checkpoint', 'runtime', 'data.process_cifar',
-                   'train', 'sample', 'evaluate', 'diffusers_io', 'convert'):
+    for module in ('model.Blocks', 'losses', 'schedule', 'diffusion', 'samplers', 'checkpoint', 'runtime',
+                   'data.process_cifar', 'train', 'sample', 'evaluate', 'diffusers_io', 'convert'):
         importlib.import_module(module)
     from runtime import resolve_device
     device = resolve_device(None).type

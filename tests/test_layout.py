@@ -17,7 +17,8 @@ ALLOWED = {
     'samplers': set(),
     'guidance': {'runtime'},
     'losses': set(),
-    'diffusion': {'model.Blocks', 'guidance', 'losses', 'samplers', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
+    'schedule': set(),
+    'diffusion': {'model.Blocks', 'guidance', 'losses', 'samplers', 'schedule', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
     'checkpoint': {'diffusion', 'runtime', 'diffusers_io'},   # diffusers_io: only inside load_checkpoint
     'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
     'sample_store': {'data.image_folder', 'runtime'},
