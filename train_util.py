@@ -33,8 +33,9 @@ from checkpoint import load_model_state, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import create_cifar10_ddpm, model_kwargs
 from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
-from guidance import class_grid_order, cycled_labels, drop_labels
+from guidance import drop_labels
 from timestep_sampler import ImportanceSampler, step_noise, stream_seed
+from train_reports import evaluate_fid, sample_grid
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -357,9 +358,9 @@ class TrainLoop:
             path = self.save(tag_epoch=epoch)
             self.say(f'saved {path} and ddpm_epoch_{epoch}.pth')
         if epoch % self.c['sample_every'] == 0:
-            self.sample_grid(epoch)
+            sample_grid(self, epoch)
         if self.fid is not None and epoch % self.c['fid_every'] == 0:
-            self.evaluate_fid(epoch)
+            evaluate_fid(self, epoch)
         self.dist.barrier()
 
     def finish(self):
@@ -372,7 +373,7 @@ class TrainLoop:
                                      f'{self.step}; {self.kept()}; lower lr or check the data')
         path = self.save()
         if self.stop_reason is None and self.grid_made_at != self.step:
-            self.sample_grid(epoch)  # the end of training always gets a grid (also when max_steps ends it mid-epoch)
+            sample_grid(self, epoch)  # the end of training always gets a grid (also when max_steps ends it mid-epoch)
         self.dist.barrier()
         if self.stop_reason == 'signal':
             self.say(f'stopped by {self.stop.requested} at step {self.step}; saved {path}; continue with '
@@ -415,43 +416,3 @@ class TrainLoop:
         if tag_epoch is not None:
             save_checkpoint(state, os.path.join(self.c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
         return save_checkpoint(state, self.latest_path)
-
-    def sample_grid(self, epoch):
-        """A grid from the EMA weights with a fixed seed, so grids are comparable across epochs.
-        A class-conditional model's grid has one row per class (num_samples // num_classes images each)."""
-        import torchvision
-        c = self.c
-        if not self.is_main or c['num_samples'] == 0:
-            return
-        self.grid_made_at = self.step
-        g = torch.Generator().manual_seed(c['seed'])
-        n, labels, nrow = c['num_samples'], None, int(math.ceil(math.sqrt(c['num_samples'])))
-        if c['class_cond']:
-            n = max(1, n // c['num_classes']) * c['num_classes']
-            labels = cycled_labels(n, c['num_classes'])
-            order, nrow = class_grid_order(labels, c['num_classes'])
-        with autocast(self.device, self.autocast_dtype):
-            x = self.ema_model.sample(n, device=self.device, sampler=c['sample_sampler'],
-                                      steps=c['sample_steps'] if c['sample_sampler'] != 'ddpm' else None,
-                                      generator=g, progress=True, labels=labels)
-        x = x[order.to(x.device)] if labels is not None else x
-        grid = torchvision.utils.make_grid((x.float() + 1) / 2, nrow=nrow)
-        path = os.path.join(self.run_dir, 'samples', f'epoch_{epoch:04d}.png')
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torchvision.utils.save_image(grid, path)
-        self.writer.add_image('samples', grid, self.step)
-        self.say(f'sample grid: {path}')
-
-    def evaluate_fid(self, epoch):
-        """FID of the EMA model (every rank samples its share): eval/fid, the progress line, ddpm_best_fid.pth."""
-        record = self.fid.evaluate(self.ema_model, epoch, self.step)
-        if record is None:   # not rank 0
-            return
-        self.writer.add_scalar('eval/fid', record['fid'], self.step)
-        self.fid_postfix['fid'] = f'{record["fid"]:.2f}'
-        if record['is_best']:
-            save_checkpoint({**self.state(), 'fid': record}, self.fid.best_path)
-        steps = '' if record['steps'] is None else f' {record["steps"]} steps'
-        self.say(f'epoch {epoch}: FID {record["fid"]:.2f} ({record["num_samples"]} samples, {record["sampler"]}{steps}, '
-                 f'{record["seconds"]:.0f} s; best {self.fid.best:.2f}'
-                 f'{", saved " + self.fid.best_path if record["is_best"] else ""})')
