@@ -84,36 +84,12 @@ def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, devic
         from tqdm.auto import tqdm
         bar = tqdm(total=len(starts) * passes, desc=f'bits/dim ({mode})', unit='pass', leave=False)
     totals, priors, kls, decoders, term_sums = [], [], [], [], torch.zeros(T, dtype=torch.float64)
+    tick = bar.update if bar is not None else (lambda k: None)
     for b, start in enumerate(starts):
         x_0 = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
         x_0 = to_model_range(x_0).to(device)
-        n = x_0.shape[0]
         generator = torch.Generator().manual_seed(batch_seed(seed, b))
-
-        def term(t):
-            noise = torch.randn(x_0.shape, generator=generator).to(device)
-            return model.vb_term_bpd(x_0, model.q_sample(x_0, t, noise), t, clip_denoised).double().cpu()
-
-        prior = model.prior_bpd(x_0).double().cpu()
-        decoder = term(torch.zeros(n, dtype=torch.long, device=device))
-        if bar is not None:
-            bar.update(1)
-        kl = torch.zeros(n, dtype=torch.float64)
-        if mode == 'exact':
-            term_sums[0] += decoder.sum()
-            for step in range(1, T):
-                value = term(torch.full((n,), step, dtype=torch.long, device=device))
-                kl += value
-                term_sums[step] += value.sum()
-                if bar is not None:
-                    bar.update(1)
-        else:
-            for _ in range(t_samples if T > 1 else 0):
-                t = torch.randint(1, T, (n,), generator=generator).to(device)
-                kl += term(t)
-                if bar is not None:
-                    bar.update(1)
-            kl = kl * (T - 1) / t_samples
+        prior, kl, decoder = image_terms(model, x_0, generator, mode, t_samples, clip_denoised, term_sums, tick)
         totals.append(prior + kl + decoder)
         priors.append(prior)
         kls.append(kl)
@@ -138,6 +114,36 @@ def bits_per_dim(model, images, mode='exact', t_samples=1, batch_size=100, devic
     else:
         result['t_samples'] = t_samples
     return result
+
+
+def image_terms(model, x_0, generator, mode, t_samples, clip_denoised, term_sums, tick):
+    """(L_T, sum of the KL terms, L_0) in bits/dim per image of one batch; see bits_per_dim.
+
+    Every x_t draws its noise from `generator`, in a fixed order (the decoder, then the KL steps),
+    so a batch's value depends only on its seed. Exact mode adds each step's sum into term_sums.
+    """
+    n, device, T = x_0.shape[0], x_0.device, model.timesteps
+
+    def term(t):
+        noise = torch.randn(x_0.shape, generator=generator).to(device)
+        return model.vb_term_bpd(x_0, model.q_sample(x_0, t, noise), t, clip_denoised).double().cpu()
+
+    prior = model.prior_bpd(x_0).double().cpu()
+    decoder = term(torch.zeros(n, dtype=torch.long, device=device))
+    tick(1)
+    kl = torch.zeros(n, dtype=torch.float64)
+    if mode == 'exact':
+        term_sums[0] += decoder.sum()
+        for step in range(1, T):
+            value = term(torch.full((n,), step, dtype=torch.long, device=device))
+            kl += value
+            term_sums[step] += value.sum()
+            tick(1)
+        return prior, kl, decoder
+    for _ in range(t_samples if T > 1 else 0):
+        kl += term(torch.randint(1, T, (n,), generator=generator).to(device))
+        tick(1)
+    return prior, kl * (T - 1) / t_samples, decoder
 
 
 # ----- results file ---------------------------------------------------------------------------

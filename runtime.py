@@ -259,6 +259,13 @@ def write_json(path, obj):
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + '\n').encode()))
 
 
+def plain(value):
+    """Config values as JSON / weights_only-safe plain types (tuples become lists, devices strings)."""
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value) if isinstance(value, torch.device) else value
+
+
 def git_commit():
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO_DIR, capture_output=True,

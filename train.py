@@ -23,9 +23,9 @@ import torch.distributed as torch_dist
 
 from checkpoint import CheckpointError, load_checkpoint
 from diffusion import BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, UNET_OPTIONS, check_model_options
-from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest
+from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest, plain
 from samplers import DEFAULT_DDIM_STEPS, SAMPLERS
-from train_util import TrainLoop, plain
+from train_util import TrainLoop
 
 
 def checked_options(fn):

@@ -32,19 +32,12 @@ import torch.distributed as torch_dist
 from checkpoint import load_model_state, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import create_cifar10_ddpm, model_kwargs
-from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
+from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, plain, use_channels_last
 from guidance import drop_labels
 from timestep_sampler import ImportanceSampler, step_noise, stream_seed
 from train_reports import evaluate_fid, sample_grid
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
-
-
-def plain(value):
-    """Config values as JSON / weights_only-safe plain types (tuples become lists, devices strings)."""
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value) if isinstance(value, torch.device) else value
 
 
 @torch.no_grad()
