@@ -155,6 +155,9 @@ def load_feature_extractor(name=INCEPTION, weights=None, device='cpu', verbose=F
                         f'--inception_weights PATH with {INCEPTION_URL} or NVIDIA\'s TorchScript port (see the '
                         f'README, "Offline FID"), or put the first at {cached}') from None
     extractor.requires_grad_(False).eval().to(device)
+    if torch.device(device).type == 'cpu':
+        # oneDNN runs its convolutions ~1.5x faster with NHWC weights (features equal to ~1e-5); CUDA unmeasured.
+        extractor.to(memory_format=torch.channels_last)
     extractor.weights_id = weights_id
     return extractor, fid_layer, isc_layer
 
