@@ -46,7 +46,7 @@ from fid import (INCEPTION, INCEPTION_FILE, EvalError, check_conversion, image_m
 from inception import is_torchscript, torchscript_to_fidelity
 from runtime import HelpFormatter, add_runtime_options, atomic_write, read_json, resolve_device, run_cli, write_json
 from sample import batch_seed, resolve_steps, sample_checkpoint
-from samplers import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_spacing
+from samplers import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip, resolve_spacing
 
 PAPER_NUM_SAMPLES = 50_000
 
@@ -197,6 +197,7 @@ def build_parser():
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
                         f'for dpm-solver; ddpm: all T, fewer respace the chain)')
     s.add_argument('--spacing', choices=SPACINGS, default=None, help='see sample.py')
+    s.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=None, help='see sample.py')
     s.add_argument('--eta', type=float, default=0.0, help='DDIM noise')
     s.add_argument('--seed', type=int, default=0, help='sampling seed; also seeds the noise of --bpd')
     s.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
@@ -248,6 +249,7 @@ def main(argv=None):
 def default_npz(args, steps, ema):
     stem = os.path.splitext(args.checkpoint)[0]
     spacing = f'-{args.spacing}' if args.spacing else ''   # the default spacing keeps the older names
+    spacing += {None: '', True: '-clip', False: '-noclip'}[args.clip_denoised]
     return (f'{stem}.samples-{"ema" if ema else "raw"}-{args.sampler}{steps}{spacing}-eta{args.eta:g}'
             f'-seed{args.seed}-{args.amp}.npz')
 
@@ -369,8 +371,9 @@ def sample_for_fid(args, device, progress):
     npz = args.npz or default_npz(args, steps, model_ema)
     images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
                                args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
-                               amp=args.amp, spacing=spacing)
-    options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing, 'eta': args.eta,
+                               amp=args.amp, spacing=spacing, clip_denoised=args.clip_denoised)
+    options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing,
+               'clip_denoised': resolve_clip(args.sampler, args.clip_denoised), 'eta': args.eta,
                'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
                'amp': args.amp}
     return images, options

@@ -43,8 +43,8 @@ from guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_lab
 from sample_store import PartialRun, reuse_complete_npz, run_meta
 from runtime import (DEFAULT_AMP, Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256,
                      resolve_device, run_cli, write_json)
-from samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_spacing,
-                      timestep_sequence)
+from samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip,
+                      resolve_spacing, timestep_sequence)
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
@@ -83,13 +83,14 @@ def resolve_steps(model, sampler, steps):
 
 @torch.inference_mode()
 def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
-                 amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0):
+                 amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None):
     """Batch `index` of a run: `count` images as uint8 [count, H, W, C] (numpy, on the CPU).
 
     Its noise comes from a CPU generator seeded from (seed, index), so the batch
     is the same whichever process draws it and whatever ran before. amp='auto'
     runs the network in bf16 where that is fast (CUDA, CPUs with native bf16);
     the sampler's arithmetic stays fp32. labels: this batch's classes (None: unconditional).
+    clip_denoised: clip the predicted x_0 to [-1, 1] at every step (None: the sampler's default).
     """
     generator = torch.Generator().manual_seed(batch_seed(seed, index))
     model.eval()
@@ -97,13 +98,14 @@ def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=
     dtype = amp_dtype(amp, device)
     with autocast(device, dtype):
         x = model.sample(count, device=device, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                         progress=progress, spacing=spacing, labels=labels, guidance_scale=guidance_scale)
+                         progress=progress, spacing=spacing, labels=labels, guidance_scale=guidance_scale,
+                         clip_denoised=clip_denoised)
     return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None,
              parts_dir=None, meta=None, out_dir=None, dist=None, progress=True, stats=None, amp=DEFAULT_AMP,
-             spacing=None, labels=None, guidance_scale=0.0):
+             spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None):
     """Sample `num_samples` images in batches; returns uint8 [N, H, W, C] on rank 0 (None on other ranks).
 
     parts_dir: a folder where every finished batch is saved at once, so that an
@@ -146,7 +148,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
         images = sample_batch(model, i, counts[i], sampler, steps, eta, seed, device,
                               progress=progress and rank == 0 and len(todo) == 1, amp=amp, spacing=spacing,
                               labels=labels[start:start + counts[i]] if labels is not None else None,
-                              guidance_scale=guidance_scale)
+                              guidance_scale=guidance_scale, clip_denoised=clip_denoised)
         if out_dir:
             save_pngs(images, out_dir, first_index=start)
         if store is not None:
@@ -201,24 +203,26 @@ def assemble(done, counts, store, dist, rank):
 
 def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
                       ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP, spacing=None,
-                      class_label=None, guidance_scale=0.0, with_labels=False):
+                      class_label=None, guidance_scale=0.0, with_labels=False, clip_denoised=None):
     """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
 
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
     .npz is already complete with the same options (its <npz>.json says which).
     class_label (an index, a class name or 'all') and guidance_scale: see resolve_class_label;
     with_labels=True returns (images, labels as int64 numpy, or None when unconditional).
+    clip_denoised: see sample_batch; part of the run's identity.
     """
     dist = Distributed(device)
     device = dist.device
     try:
         model, info = load_model(checkpoint, ema=ema, device=device)
         steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
+        clip_denoised = resolve_clip(sampler, clip_denoised)
         class_label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, guidance_scale)
         labels = run_labels(class_label, num_samples, model.num_classes)
         info['sha256'] = file_sha256(checkpoint) if (npz or out_dir) and dist.is_main else None
         meta = run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing, class_label,
-                        guidance_scale)
+                        guidance_scale, clip_denoised)
         label_array = labels.numpy() if labels is not None else None
 
         # An .npz finished earlier with the same options is reused (rank 0 decides for all ranks).
@@ -234,7 +238,8 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
         start, stats = time.time(), {}
         images = generate(model, num_samples, batch_size, sampler, steps, eta, seed, device,
                           parts_dir=parts_dir, meta=meta, out_dir=out_dir, dist=dist, progress=progress, stats=stats,
-                          amp=amp, spacing=spacing, labels=labels, guidance_scale=guidance_scale)
+                          amp=amp, spacing=spacing, labels=labels, guidance_scale=guidance_scale,
+                          clip_denoised=clip_denoised)
         if images is None:
             return None
         seconds = time.time() - start
@@ -269,7 +274,7 @@ def save_grid(images, path, nrow=None):
 
 @torch.inference_mode()
 def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, columns=TRAJECTORY_COLUMNS,
-               progress=True, amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0):
+               progress=True, amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None):
     """The denoising chain of n images: (ts, frames) with frames uint8 [n, columns, H, W, C].
 
     Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
@@ -289,7 +294,7 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
                      for target in np.linspace(T, 0, columns)}, reverse=True)
     frames = {T: x_T.to(device)} if T in wanted else {}
     chain = model.sample_progressive(n, device, sampler, steps, eta, generator, progress, x_T=x_T, spacing=spacing,
-                                     labels=labels, guidance_scale=guidance_scale)
+                                     labels=labels, guidance_scale=guidance_scale, clip_denoised=clip_denoised)
     with autocast(device, amp_dtype(amp, device)):
         for i, (step, x, _) in enumerate(chain):
             t = visited[i + 1] if step >= 0 else 0
@@ -334,6 +339,9 @@ def build_parser():
     p.add_argument('--spacing', choices=SPACINGS, default=None,
                    help='which steps ddim and dpm-solver visit: uniform or quadratic in t, or logsnr (uniform in '
                         'log-SNR); default: uniform for ddim, logsnr for dpm-solver')
+    p.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=None,
+                   help='clip the predicted x_0 to [-1, 1] at every step (default: on for ddpm and ddim, as the '
+                        'paper\'s sampler does; off for dpm-solver; see README for what it does to FID)')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
     which = p.add_mutually_exclusive_group()
     which.add_argument('--class_label', default=None,
@@ -385,7 +393,8 @@ def run(args):
         result = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps,
                                    args.eta, args.seed, args.ema, device, args.npz, args.out_dir, progress,
                                    amp=args.amp, spacing=args.spacing, class_label=class_label,
-                                   guidance_scale=args.guidance_scale, with_labels=True)
+                                   guidance_scale=args.guidance_scale, with_labels=True,
+                                   clip_denoised=args.clip_denoised)
         if result is None:   # not rank 0
             return 0
         images, labels = result
@@ -402,7 +411,8 @@ def run(args):
         label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, args.guidance_scale)
         ts, frames = trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,
                                 progress=progress, amp=args.amp, spacing=args.spacing,
-                                labels=run_labels(label, n, model.num_classes), guidance_scale=args.guidance_scale)
+                                labels=run_labels(label, n, model.num_classes), guidance_scale=args.guidance_scale,
+                                clip_denoised=args.clip_denoised)
         written.append(f'{save_trajectory(frames, args.trajectory)} (rows: {n} images; columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
     for line in written:

@@ -12,6 +12,7 @@ import shutil
 
 from data.image_folder import read_npz_images, save_npz
 from runtime import read_json, write_json
+from samplers import CLIPS_BY_DEFAULT, resolve_clip
 
 META_FORMAT = 1
 
@@ -60,8 +61,8 @@ class PartialRun:
 
 
 # The options that change the images; a partial run is continued only when all of them match.
-IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'spacing', 'eta', 'seed', 'batch_size', 'amp',
-                 'image_shape', 'class_label', 'guidance_scale')
+IDENTITY_KEYS = ('checkpoint_sha256', 'ema', 'sampler', 'steps', 'spacing', 'clip_denoised', 'eta', 'seed',
+                 'batch_size', 'amp', 'image_shape', 'class_label', 'guidance_scale')
 # Keys recorded since there is a choice, with the value older runs had.
 LEGACY_META = {'class_label': None, 'guidance_scale': 0.0}
 
@@ -73,6 +74,8 @@ def meta_difference(old, new):
     diffs = []
     if 'spacing' not in old:   # recorded since there is a choice: older runs were uniform DDIM or DDPM
         old = {**old, 'spacing': 'uniform' if old.get('sampler') == 'ddim' else None}
+    if 'clip_denoised' not in old:   # likewise: older runs clipped as their sampler does by default
+        old = {**old, 'clip_denoised': CLIPS_BY_DEFAULT.get(old.get('sampler'))}
     old = {**LEGACY_META, **old}
     for key in IDENTITY_KEYS:
         if old.get(key) != new.get(key):
@@ -85,7 +88,7 @@ def meta_difference(old, new):
 
 
 def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=None, class_label=None,
-             guidance_scale=0.0):
+             guidance_scale=0.0, clip_denoised=None):
     """What the images depend on; `spacing` as the sampler resolved it (samplers.resolve_spacing);
     class_label: the class index of every image, 'all' (class i % num_classes for image i) or None."""
     return {
@@ -97,6 +100,7 @@ def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=No
         'sampler': sampler,
         'steps': int(steps),
         'spacing': spacing,
+        'clip_denoised': resolve_clip(sampler, clip_denoised),
         'eta': float(eta),
         'seed': int(seed),
         'batch_size': int(batch_size),

@@ -63,6 +63,11 @@ def resolve_spacing(sampler, spacing, eta=0.0):
     return spacing or DEFAULT_SPACING.get(sampler)
 
 
+def resolve_clip(sampler, clip_denoised):
+    """Whether `sampler` clips its predicted x_0 to [-1, 1]: `clip_denoised`, or None for its default."""
+    return CLIPS_BY_DEFAULT[sampler] if clip_denoised is None else bool(clip_denoised)
+
+
 def check_options(timesteps, sampler, steps, spacing=None, eta=0.0):
     """Raise a one-line ValueError for an unknown sampler or spacing, or steps outside 1..T."""
     resolve_spacing(sampler, spacing, eta)
@@ -216,8 +221,7 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
         raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
     cond = None if labels is None else {'labels': labels, 'guidance_scale': guidance_scale}
     check_options(model.timesteps, sampler, steps, spacing, eta)
-    if clip_denoised is None:
-        clip_denoised = CLIPS_BY_DEFAULT[sampler]
+    clip_denoised = resolve_clip(sampler, clip_denoised)
     steps = steps or (DEFAULT_DPM_SOLVER_STEPS if sampler == 'dpm-solver' else model.timesteps)
     x = x_T.to(device) if x_T is not None else draw_noise((n, *model.image_shape), generator, device)
     seq = timestep_sequence(model, sampler, steps, spacing).tolist()

@@ -2,7 +2,8 @@
 
 For each NFE in --nfe and each sampler (the paper's ancestral DDPM on a
 respaced chain, DDIM on uniform and on quadratic steps, DPM-Solver++(2M) on its
-default log-SNR steps) it draws --num_samples images with sample.py's code
+default log-SNR steps, also with the predicted x_0 clipped to [-1, 1] at every
+step as DDIM does) it draws --num_samples images with sample.py's code
 (same seeds for every setting, so the deterministic samplers start from the
 same x_T; network in bf16 where native, --amp), times them, and scores them
 with the offline FID (fid.py: NVIDIA's TorchScript Inception converted into
@@ -35,16 +36,18 @@ from runtime import file_sha256, keep_freed_memory, read_json  # noqa: E402
 from sample import sample_checkpoint  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(common.ROOT), 'shared', 'data')
-# (name, sampler, spacing); None: the sampler's own (ddpm: uniform respacing; it takes no spacing option).
-CONFIGS = [('ddpm', 'ddpm', None), ('ddim', 'ddim', 'uniform'), ('ddim-quadratic', 'ddim', 'quadratic'),
-           ('dpm-solver', 'dpm-solver', 'logsnr')]
+# (name, sampler, spacing, clip_denoised); None: the sampler's own (ddpm: uniform respacing, it takes no spacing;
+# ddpm and ddim clip the predicted x_0 to [-1, 1], dpm-solver does not unless asked).
+CONFIGS = [('ddpm', 'ddpm', None, None), ('ddim', 'ddim', 'uniform', None),
+           ('ddim-quadratic', 'ddim', 'quadratic', None), ('dpm-solver', 'dpm-solver', 'logsnr', None),
+           ('dpm-solver-clip', 'dpm-solver', 'logsnr', True)]
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--checkpoint', required=True)
     p.add_argument('--nfe', type=int, nargs='+', default=[5, 10, 20, 50, 100])
-    p.add_argument('--samplers', default=','.join(name for name, _, _ in CONFIGS))
+    p.add_argument('--samplers', default=','.join(c[0] for c in CONFIGS))
     p.add_argument('--num_samples', type=int, default=2000)
     p.add_argument('--ref_images', type=int, default=5000, help='training images for the FID reference')
     p.add_argument('--batch_size', type=int, default=250)
@@ -71,7 +74,7 @@ def reference(args, extractor, fid_layer):
     return (mu, sigma), floor
 
 
-def run_setting(args, name, sampler, spacing, nfe, extractor, fid_layer, ref):
+def run_setting(args, name, sampler, spacing, clip, nfe, extractor, fid_layer, ref):
     """One row: the FID of --num_samples images of one sampler at one NFE, and its seconds per image."""
     os.makedirs(args.samples_dir, exist_ok=True)
     npz = os.path.join(args.samples_dir, f'{name}-{nfe}.npz')
@@ -79,7 +82,7 @@ def run_setting(args, name, sampler, spacing, nfe, extractor, fid_layer, ref):
     timed = not os.path.exists(npz) and not os.path.exists(npz + '.parts')
     start = time.perf_counter()
     images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, sampler, nfe, seed=args.seed,
-                               npz=npz, progress=not args.quiet, amp=args.amp, spacing=spacing)
+                               npz=npz, progress=not args.quiet, amp=args.amp, spacing=spacing, clip_denoised=clip)
     sample_s = time.perf_counter() - start
     metrics = image_metrics(images, extractor, fid_layer, None, ref, batch_size=50, progress=not args.quiet)
     return dict(sampler=name, nfe=nfe, fid=metrics['fid'],
@@ -104,10 +107,10 @@ def main():
           f'(the floor at this size)', flush=True)
     rows = list(done)
     for nfe in sorted(args.nfe):   # cheap settings first: an interrupted run still has whole columns
-        for name, sampler, spacing in configs:
+        for name, sampler, spacing, clip in configs:
             if any(r['sampler'] == name and r['nfe'] == nfe for r in rows):
                 continue
-            rows.append(run_setting(args, name, sampler, spacing, nfe, extractor, fid_layer, ref))
+            rows.append(run_setting(args, name, sampler, spacing, clip, nfe, extractor, fid_layer, ref))
             print(f'  {name:15s} {nfe:4d} NFE: FID {rows[-1]["fid"]:.2f}, '
                   f'{rows[-1]["s_per_image"] or float("nan"):.3f} s/image', flush=True)
             common.write_json(args.out, dict(key=key, args=vars(args), fid_floor=floor, rows=rows,
@@ -120,7 +123,7 @@ def main():
                          ('s_per_image', f'seconds per image (batch {args.batch_size}, amp {args.amp}, '
                                          f'{torch.get_num_threads()} threads)')):
         table = [dict(sampler=name, **{c: cell(name, n, field) for c, n in zip(columns, sorted(args.nfe))})
-                 for name, _, _ in configs]
+                 for name, *_ in configs]
         common.print_table(table, ['sampler'] + columns, title)
     print(f'\nwrote {path}')
 

@@ -21,7 +21,7 @@ ALLOWED = {
     'diffusion': {'model.Blocks', 'guidance', 'losses', 'samplers', 'schedule', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
     'checkpoint': {'diffusion', 'runtime', 'diffusers_io'},   # diffusers_io: only inside load_checkpoint
     'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
-    'sample_store': {'data.image_folder', 'runtime'},
+    'sample_store': {'data.image_folder', 'runtime', 'samplers'},   # samplers: each one's clipping default
     'timestep_sampler': set(),
     'train_reports': {'checkpoint', 'guidance', 'runtime'},
     'train_util': {'checkpoint', 'data.process_cifar', 'diffusion', 'guidance', 'runtime', 'timestep_sampler',

@@ -222,6 +222,38 @@ def test_torchrun_two_processes_give_the_one_process_images(ckpt, tmp_path):
     assert not os.path.exists(f'{npz}.parts')
 
 
+def test_clip_denoised_is_an_option_of_every_sampler_and_part_of_a_runs_identity(ckpt, tmp_path):
+    """--clip_denoised / --no-clip_denoised override the sampler's default (ddpm and ddim clip the predicted x_0,
+    dpm-solver does not) and give DDPM.sample's images with that setting; the run's metadata records the
+    resolved value, and runs recorded before the option existed had their sampler's default."""
+    from sample_store import meta_difference
+    from sample import batch_seed, to_uint8
+    model, _ = sample.load_model(ckpt, device='cpu')
+    for sampler, default in (('ddim', True), ('dpm-solver', False), ('ddpm', True)):
+        npz = {flag: tmp_path / f'{sampler}-{flag}.npz' for flag in ('default', 'on', 'off')}
+        base = ['--checkpoint', ckpt, '--num_samples', '3', '--batch_size', '3', '--sampler', sampler,
+                '--steps', '4', '--amp', 'fp32']
+        assert run_main([*base, '--npz', str(npz['default'])])[0] == 0
+        assert run_main([*base, '--clip_denoised', '--npz', str(npz['on'])])[0] == 0
+        assert run_main([*base, '--no-clip_denoised', '--npz', str(npz['off'])])[0] == 0
+        images = {k: np.load(v)['arr_0'] for k, v in npz.items()}
+        meta = {k: json.loads(open(f'{v}.json').read()) for k, v in npz.items()}
+        assert meta['default']['clip_denoised'] is default
+        assert (meta['on']['clip_denoised'], meta['off']['clip_denoised']) == (True, False)
+        same, other = ('on', 'off') if default else ('off', 'on')
+        assert np.array_equal(images['default'], images[same]), sampler
+        assert not np.array_equal(images['default'], images[other]), sampler   # the option does something
+        for flag, clip in (('on', True), ('off', False)):   # ... and it is DDPM.sample's clip_denoised
+            with torch.inference_mode():
+                x = model.sample(3, device='cpu', sampler=sampler, steps=4, clip_denoised=clip,
+                                 generator=torch.Generator().manual_seed(batch_seed(0, 0)), progress=False)
+            assert np.array_equal(images[flag], to_uint8(x).permute(0, 2, 3, 1).numpy()), (sampler, flag)
+        assert "clip_denoised: True then, False now" in meta_difference(meta['on'], meta['off'])
+        legacy = {k: v for k, v in meta['default'].items() if k != 'clip_denoised'}
+        assert meta_difference(legacy, meta['default']) == ''
+        assert meta_difference(legacy, meta[other]) != ''
+
+
 def test_dpm_solver_runs_record_their_spacing_and_refuse_to_mix(ckpt, tmp_path, capsys):
     """sample.py --sampler dpm-solver --steps K writes its sampler, steps and spacing into the run's metadata;
     a partial run is continued only with the same spacing; runs recorded before spacing existed were
