@@ -170,6 +170,14 @@ def test_cli_fid_of_a_checkpoint_samples_once(tmp_path, monkeypatch, capsys):
     data = json.loads((tmp_path / 'ddpm_latest.eval.json').read_text())
     (entry,) = data.values()     # the same options land on the same key
     assert entry['options']['ema'] is True and entry['options']['steps'] == 3
+    assert entry['options']['clip_denoised'] is True   # DDIM's default
+
+    # Unclipped DDIM is another run: its own samples file and its own entry.
+    monkeypatch.undo()
+    assert evaluate.main([*args, '--no-clip_denoised']) == 0
+    assert (tmp_path / 'ddpm_latest.samples-ema-ddim3-noclip-eta0-seed0-auto.npz').exists()
+    data = json.loads((tmp_path / 'ddpm_latest.eval.json').read_text())
+    assert sorted(e['options']['clip_denoised'] for e in data.values()) == [False, True]
 
 
 def test_offline_errors_say_what_to_download(tmp_path, monkeypatch, capsys):
