@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from checkpoint import CheckpointError, load_checkpoint
 from diffusion import BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, UNET_OPTIONS, check_model_options
 from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest, plain
-from samplers import DEFAULT_DDIM_STEPS, SAMPLERS
+from samplers import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS
 from train_util import TrainLoop
 
 
@@ -55,8 +55,8 @@ def train_ddpm(
     save_every: int = 10,             # epochs between numbered checkpoints
     sample_every: int = 20,           # epochs between sample grids (also written at the end)
     num_samples: int = 64,            # images in each sample grid
-    sample_sampler: str = 'ddim',     # sampler for the grids: 'ddim', 'dpm-solver' (fast) or 'ddpm' (the paper's T)
-    sample_steps: int = DEFAULT_DDIM_STEPS,  # network evaluations of a ddim / dpm-solver grid
+    sample_sampler: str = 'dpm-solver',  # sampler for the grids: 'dpm-solver', 'ddim' or 'ddpm' (the paper's T)
+    sample_steps: int = DEFAULT_DPM_SOLVER_STEPS,  # network evaluations of a ddim / dpm-solver grid (FID: README)
     fid_every: int = 0,               # epochs between FID evaluations of the EMA model (0: off); see README
     fid_samples: int = 10000,         # samples per FID evaluation, scored against the training images
     fid_sampler: str = 'ddim',        # sampler for the FID samples: 'ddim', 'dpm-solver' or 'ddpm' (all T steps)

@@ -31,7 +31,8 @@ def sample_grid(loop, epoch):
     with autocast(loop.device, loop.autocast_dtype):
         x = loop.ema_model.sample(n, device=loop.device, sampler=c['sample_sampler'],
                                   steps=c['sample_steps'] if c['sample_sampler'] != 'ddpm' else None,
-                                  generator=g, progress=True, labels=labels)
+                                  generator=g, progress=True, labels=labels,
+                                  clip_denoised=True)   # dpm-solver too: FID-1k 120 at 20 NFE, 235 unclipped
     x = x[order.to(x.device)] if labels is not None else x
     grid = torchvision.utils.make_grid((x.float() + 1) / 2, nrow=nrow)
     path = os.path.join(loop.run_dir, 'samples', f'epoch_{epoch:04d}.png')

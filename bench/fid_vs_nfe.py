@@ -3,7 +3,7 @@
 For each NFE in --nfe and each sampler (the paper's ancestral DDPM on a
 respaced chain, DDIM on uniform and on quadratic steps, DPM-Solver++(2M) on its
 default log-SNR steps, also with the predicted x_0 clipped to [-1, 1] at every
-step as DDIM does) it draws --num_samples images with sample.py's code
+step as DDIM does; on request DDIM without that clipping) it draws --num_samples images with sample.py's code
 (same seeds for every setting, so the deterministic samplers start from the
 same x_T; network in bf16 where native, --amp), times them, and scores them
 with the offline FID (fid.py: NVIDIA's TorchScript Inception converted into
@@ -40,14 +40,15 @@ SHARED = os.path.join(os.path.dirname(common.ROOT), 'shared', 'data')
 # ddpm and ddim clip the predicted x_0 to [-1, 1], dpm-solver does not unless asked).
 CONFIGS = [('ddpm', 'ddpm', None, None), ('ddim', 'ddim', 'uniform', None),
            ('ddim-quadratic', 'ddim', 'quadratic', None), ('dpm-solver', 'dpm-solver', 'logsnr', None),
-           ('dpm-solver-clip', 'dpm-solver', 'logsnr', True)]
+           ('dpm-solver-clip', 'dpm-solver', 'logsnr', True), ('ddim-noclip', 'ddim', 'uniform', False)]
+DEFAULT_SAMPLERS = 'ddpm,ddim,ddim-quadratic,dpm-solver,dpm-solver-clip'   # ddim-noclip: on request
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--checkpoint', required=True)
     p.add_argument('--nfe', type=int, nargs='+', default=[5, 10, 20, 50, 100])
-    p.add_argument('--samplers', default=','.join(c[0] for c in CONFIGS))
+    p.add_argument('--samplers', default=DEFAULT_SAMPLERS, help=f'any of {",".join(c[0] for c in CONFIGS)}')
     p.add_argument('--num_samples', type=int, default=2000)
     p.add_argument('--ref_images', type=int, default=5000, help='training images for the FID reference')
     p.add_argument('--batch_size', type=int, default=250)
@@ -62,15 +63,22 @@ def parse_args():
     return p.parse_args()
 
 
-def reference(args, extractor, fid_layer):
-    """(mu, sigma) of --ref_images training images (cached) and the FID floor: --num_samples test images."""
-    data = common.read_cifar_jpeg(args.data)
-    pick = lambda split, n: data[split][torch.from_numpy(np.sort(  # noqa: E731
-        np.random.default_rng(args.seed).permutation(len(data[split]))[:n]))].permute(0, 2, 3, 1).numpy()
+def reference(args, extractor, fid_layer, floor=None):
+    """(mu, sigma) of --ref_images training images (cached) and the FID floor: --num_samples test images
+    (`floor`: known from an earlier run). The images are read only when one of them is computed."""
+    data = {}
+
+    def pick(split, n):
+        if not data:
+            data.update(common.read_cifar_jpeg(args.data))
+        keep = np.sort(np.random.default_rng(args.seed).permutation(len(data[split]))[:n])
+        return data[split][torch.from_numpy(keep)].permute(0, 2, 3, 1).numpy()
+
     mu, sigma, *_ = cached_statistics(f'cifar10-jpeg-train{args.ref_images}-seed{args.seed}',
-                                      pick('train', args.ref_images), extractor, fid_layer, batch_size=50)
-    floor = image_metrics(pick('test', args.num_samples), extractor, fid_layer, None, (mu, sigma), batch_size=50,
-                          progress=False)['fid']
+                                      lambda: pick('train', args.ref_images), extractor, fid_layer, batch_size=50)
+    if floor is None:
+        floor = image_metrics(pick('test', args.num_samples), extractor, fid_layer, None, (mu, sigma),
+                              batch_size=50, progress=False)['fid']
     return (mu, sigma), floor
 
 
@@ -95,6 +103,9 @@ def main():
         torch.set_num_threads(args.threads)
     keep_freed_memory()   # as train.py does: else glibc re-faults every large activation (bench_malloc.py)
     configs = [c for c in CONFIGS if c[0] in args.samplers.split(',')]
+    unknown = set(args.samplers.split(',')) - {c[0] for c in CONFIGS}
+    if unknown:
+        sys.exit(f'error: unknown --samplers {",".join(sorted(unknown))}; choose from {[c[0] for c in CONFIGS]}')
     key = dict(checkpoint_sha256=file_sha256(args.checkpoint), num_samples=args.num_samples,
                ref_images=args.ref_images, seed=args.seed, batch_size=args.batch_size, amp=args.amp)
     path = os.path.join(common.RESULTS_DIR, f'{args.out}.json')
@@ -102,7 +113,7 @@ def main():
     done = old.get('rows', []) if old.get('key') == key else []
 
     extractor, fid_layer, _ = load_feature_extractor(weights=args.inception_weights)
-    ref, floor = reference(args, extractor, fid_layer)
+    ref, floor = reference(args, extractor, fid_layer, old.get('fid_floor') if done else None)
     print(f'FID of {args.num_samples} test images vs the {args.ref_images} training images: {floor:.2f} '
           f'(the floor at this size)', flush=True)
     rows = list(done)
