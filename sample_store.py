@@ -12,7 +12,7 @@ import shutil
 
 from data.image_folder import read_npz_images, save_npz
 from runtime import read_json, write_json
-from samplers import CLIPS_BY_DEFAULT, resolve_clip
+from samplers import CLIPS_BY_DEFAULT
 
 META_FORMAT = 1
 
@@ -89,7 +89,8 @@ def meta_difference(old, new):
 
 def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=None, class_label=None,
              guidance_scale=0.0, clip_denoised=None):
-    """What the images depend on; `spacing` as the sampler resolved it (samplers.resolve_spacing);
+    """What the images depend on; `spacing` and `clip_denoised` as the sampler resolved them
+    (samplers.resolve_spacing, resolve_clip);
     class_label: the class index of every image, 'all' (class i % num_classes for image i) or None."""
     return {
         'format': META_FORMAT,
@@ -100,7 +101,7 @@ def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=No
         'sampler': sampler,
         'steps': int(steps),
         'spacing': spacing,
-        'clip_denoised': resolve_clip(sampler, clip_denoised),
+        'clip_denoised': clip_denoised,
         'eta': float(eta),
         'seed': int(seed),
         'batch_size': int(batch_size),
