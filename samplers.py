@@ -136,14 +136,15 @@ class OriginalSteps(nn.Module):
         return self.network(x_t, self.steps.to(i.device)[i], *labels)
 
 
-def respaced(model, steps):
-    """Improved DDPM, section 4: the DDPM over the sub-sequence S of `steps` uniform steps (as DDIM's tau).
+def respaced(model, steps, seq=None):
+    """Improved DDPM, section 4: the DDPM over the sub-sequence S of `steps` uniform steps (as DDIM's tau),
+    or over the increasing steps `seq` (a LongTensor starting at 0) when given.
 
     Its betas are beta_i = 1 - a-bar_{S_i} / a-bar_{S_{i-1}} (float64, from the model's
     own schedule), so its a-bar_i equals the original a-bar_{S_i}; beta-tilde and the
     learned variance's interpolation (iDDPM Eq. 15) follow from these betas.
     """
-    seq = ddim_timesteps(model.timesteps, steps)
+    seq = ddim_timesteps(model.timesteps, steps) if seq is None else seq
     abar = torch.cumprod(1.0 - model.betas64, dim=0)[seq]
     betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return type(model)(OriginalSteps(model.network, seq), variance=model.variance, image_shape=model.image_shape,
@@ -210,12 +211,14 @@ def dpm_solver_step(model, x_s, s, x_0_prev, coef, clip_denoised, cond=None):
 
 
 def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-                clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0):
+                clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0, t_start=None):
     """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
     steps None: all T for 'ddpm' and 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver'; spacing None and
     clip_denoised None: the sampler's defaults (DEFAULT_SPACING, CLIPS_BY_DEFAULT). labels (a LongTensor
     [n] or None) and guidance_scale: classifier-free guidance, see DDPM.network_outputs.
+    t_start: x_T holds x_t at this code step instead (SDEdit, shared latents): the walk starts there and
+    keeps the sampler's steps below it, so a fraction of `steps` runs.
     """
     if labels is None and guidance_scale:
         raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
@@ -225,9 +228,13 @@ def sample_loop(model, n, device, sampler='ddpm', steps=None, eta=0.0, generator
     steps = steps or (DEFAULT_DPM_SOLVER_STEPS if sampler == 'dpm-solver' else model.timesteps)
     x = x_T.to(device) if x_T is not None else draw_noise((n, *model.image_shape), generator, device)
     seq = timestep_sequence(model, sampler, steps, spacing).tolist()
+    if t_start is not None:
+        if not 0 <= t_start < model.timesteps or x_T is None:
+            raise ValueError(f't_start needs x_T and a step in 0..{model.timesteps - 1}, got {t_start}')
+        seq = [t_start] + [s for s in seq if s < t_start]
     coefs = dpm_solver_coefficients(model, seq) if sampler == 'dpm-solver' else None   # before the loop: no syncs in it
-    # 'ddpm' over fewer than T steps walks a respaced chain, whose own step index runs K-1..0.
-    chain = respaced(model, steps) if sampler == 'ddpm' and len(seq) < model.timesteps else model
+    # 'ddpm' visiting fewer steps than 0..seq[0] walks a respaced chain, whose own step index runs K-1..0.
+    chain = respaced(model, steps, torch.tensor(seq[::-1])) if sampler == 'ddpm' and len(seq) <= seq[0] else model
     bar = seq
     if progress:
         from tqdm.auto import tqdm
