@@ -7,6 +7,8 @@
     python sample.py --checkpoint ckpt.pth --num_samples 8 --trajectory chain.png
     python sample.py --checkpoint cond.pth --class_label cat --guidance_scale 1   # a class-conditional model
     python sample.py --checkpoint cond.pth --classes all --num_samples 100       # grid: one row per class
+    python sample.py --checkpoint ckpt.pth --inpaint photo.png --mask mask.png    # RePaint: fill the black of the mask
+    python sample.py --checkpoint ckpt.pth --init_image sketch.png --strength 0.5  # SDEdit: image-to-image
 
 The model is rebuilt from the config stored in the checkpoint, with its EMA
 weights when it has them (--no-ema for the raw weights). A class-conditional
@@ -40,6 +42,9 @@ from checkpoint import load_model
 from data.image_folder import save_npz
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
 from guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
+from editing.images import load_image, load_mask
+from editing.inpaint import RePaint, inpaint
+from editing.sdedit import sdedit
 from sample_store import PartialRun, reuse_complete_npz, run_meta
 from runtime import (DEFAULT_AMP, Distributed, HelpFormatter, add_runtime_options, amp_dtype, autocast, file_sha256,
                      resolve_device, run_cli, write_json)
@@ -274,12 +279,14 @@ def save_grid(images, path, nrow=None):
 
 @torch.inference_mode()
 def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, columns=TRAJECTORY_COLUMNS,
-               progress=True, amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None):
+               progress=True, amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None,
+               predicted_x0=False):
     """The denoising chain of n images: (ts, frames) with frames uint8 [n, columns, H, W, C].
 
     Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
     (the sample, in the paper's 1-based t); the noise comes from batch 0's
     generator, so the last column equals a --batch_size n run's first batch.
+    predicted_x0: show the x_0 predicted from x_t instead (the paper's Fig. 6); column 0 is the sample.
     """
     steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -296,8 +303,11 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     chain = model.sample_progressive(n, device, sampler, steps, eta, generator, progress, x_T=x_T, spacing=spacing,
                                      labels=labels, guidance_scale=guidance_scale, clip_denoised=clip_denoised)
     with autocast(device, amp_dtype(amp, device)):
-        for i, (step, x, _) in enumerate(chain):
-            t = visited[i + 1] if step >= 0 else 0
+        for i, (step, x, x_0_pred) in enumerate(chain):
+            if predicted_x0 and step >= 0:   # predicted from the state before this step
+                x, t = x_0_pred, visited[i]
+            else:
+                t = visited[i + 1] if step >= 0 else 0
             if t in wanted:
                 frames[t] = x
     stacked = torch.stack([to_uint8(frames[t].clamp(-1, 1)) for t in wanted], dim=1)   # [n, cols, C, H, W]
@@ -365,8 +375,61 @@ def build_parser():
     p.add_argument('--trajectory', default=None,
                    help=f'write a picture of the denoising chain: the first min(num_samples, '
                         f'{TRAJECTORY_MAX_IMAGES}) images in rows, x_t from t=T to 0 in columns')
+    edit = p.add_argument_group('editing a picture (docs/editing.md); --num_samples results, in a grid after the input')
+    which_edit = edit.add_mutually_exclusive_group()
+    which_edit.add_argument('--inpaint', metavar='IMAGE', default=None,
+                            help='fill in IMAGE where --mask is black (RePaint, Lugmayr et al. 2022; ddpm sampler; '
+                                 '--steps: its chain, default min(250, T))')
+    which_edit.add_argument('--init_image', metavar='IMAGE', default=None,
+                            help='image-to-image from IMAGE (SDEdit, Meng et al. 2021) at --strength')
+    edit.add_argument('--mask', default=None, help='with --inpaint: a PNG of the image\'s size, white = keep')
+    edit.add_argument('--jump_length', type=int, default=RePaint.jump_length, help='RePaint\'s j')
+    edit.add_argument('--resamplings', type=int, default=RePaint.resamplings, help='RePaint\'s r (1: no resampling)')
+    edit.add_argument('--strength', type=float, default=None,
+                      help='with --init_image: t/T in (0, 1] where the reverse process starts (default 0.5); '
+                           '1 keeps almost nothing of the image')
     add_runtime_options(p)
     return p
+
+
+def check_edit_args(args):
+    """One line for each editing option that does not fit the others."""
+    if args.mask and not args.inpaint:
+        raise ValueError('--mask goes with --inpaint IMAGE')
+    if args.inpaint and not args.mask:
+        raise ValueError('--inpaint needs --mask MASK (a PNG of the image\'s size, white = keep, black = fill in)')
+    if args.strength is not None and not args.init_image:
+        raise ValueError('--strength goes with --init_image IMAGE')
+    if args.inpaint and args.sampler != 'ddpm':
+        raise ValueError(f'--inpaint walks the ancestral chain (RePaint); drop --sampler {args.sampler}')
+    if (args.inpaint or args.init_image) and (args.npz or args.out_dir or args.trajectory):
+        raise ValueError('--inpaint and --init_image write one grid (--out); drop --npz, --out_dir, --trajectory')
+
+
+def run_edit(args, device, progress):
+    """--inpaint or --init_image: the input, then --num_samples results, as one grid PNG at --out."""
+    model, info = load_model(args.checkpoint, ema=args.ema, device=device)
+    size = model.image_shape[-1]
+    label = resolve_class_label(model.num_classes, info.get('class_names'), args.classes or args.class_label,
+                                args.guidance_scale)
+    labels = run_labels(label, args.num_samples, model.num_classes)
+    image = load_image(args.inpaint or args.init_image, size).to(device)
+    generator = torch.Generator().manual_seed(batch_seed(args.seed, 0))
+    batch = image.expand(args.num_samples, -1, -1, -1)
+    if args.inpaint:
+        mask = load_mask(args.mask, args.inpaint, size).to(device)
+        schedule = RePaint(args.steps, args.jump_length, args.resamplings)
+        out = inpaint(model, batch, mask, generator, labels, schedule, resolve_clip('ddpm', args.clip_denoised),
+                      args.guidance_scale, progress)
+        image = image * mask   # the input as the model sees it: the hole grey (0 in [-1, 1])
+    else:
+        strength = 0.5 if args.strength is None else args.strength
+        out = sdedit(model, batch, strength, generator, labels, sampler=args.sampler, steps=args.steps,
+                     eta=args.eta, spacing=args.spacing, clip_denoised=args.clip_denoised,
+                     guidance_scale=args.guidance_scale, progress=progress)
+    images = to_uint8(torch.cat([image, out])).permute(0, 2, 3, 1).cpu().numpy()
+    path = save_grid(images, args.out or 'samples.png', nrow=len(images))
+    return [f'{path} (the input, then {args.num_samples} results)']
 
 
 def main(argv=None):
@@ -380,7 +443,12 @@ def run(args):
         raise ValueError(f'--npz must name a .npz file, got {args.npz}')
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    check_edit_args(args)
     progress = not args.quiet
+    if args.inpaint or args.init_image:
+        for line in run_edit(args, str(resolve_device(args.device)), progress):
+            print(f'wrote {line}')
+        return 0
     out = args.out
     if out is None and not (args.npz or args.out_dir or args.trajectory):
         out = 'samples.png'

@@ -30,12 +30,22 @@ ALLOWED = {
     'fid': {'data.image_folder', 'data.process_cifar', 'inception', 'runtime'},
     'train_fid': {'checkpoint', 'fid', 'sample'},
     'train': {'checkpoint', 'diffusion', 'runtime', 'samplers', 'train_util'},
-    'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'guidance', 'runtime', 'sample_store',
-               'samplers'},
+    'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'editing.images', 'editing.inpaint',
+               'editing.sdedit', 'guidance', 'runtime', 'sample_store', 'samplers'},
+    'editing.reverse': {'guidance', 'samplers'},
+    'editing.sdedit': {'editing.reverse'},
+    'editing.inpaint': {'guidance', 'samplers'},
+    'editing.latents': {'editing.reverse'},
+    'editing.interpolate': {'editing.reverse', 'guidance', 'samplers'},
+    'editing.images': {'data.image_folder', 'data.process_cifar'},
+    # sample: its trajectory and grids, until they move to a library module (issue 21)
+    'editing.figures': {'checkpoint', 'data.process_cifar', 'editing.images', 'editing.interpolate',
+                        'editing.latents', 'guidance', 'runtime', 'sample', 'samplers'},
+    'paper': {'editing.figures', 'runtime'},
     'evaluate': {'checkpoint', 'data.process_cifar', 'fid', 'inception', 'runtime', 'sample', 'samplers'},
     'convert': {'checkpoint', 'diffusers_io', 'runtime'},
 }
-OURS = set(ALLOWED) | {'data', 'model'}
+OURS = set(ALLOWED) | {'data', 'model', 'editing'}
 
 
 def imports_of(module):
