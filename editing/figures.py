@@ -88,7 +88,7 @@ def add_fig7(p):
 def run_fig7(args):
     model, labels, device = open_model(args, args.num_images)
     x_0 = load_images(args.images, args.num_images, model.image_shape[-1]).to(device)
-    ts = args.t or fig7_ts(model)
+    ts = args.t if args.t is not None else fig7_ts(model)
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     labels = labels if labels is None else labels[:x_0.shape[0]]
@@ -125,7 +125,7 @@ def run_fig8(args):
     if images.shape[0] < 2:
         raise ValueError(f'{args.images} holds fewer than two images; interpolation needs a pair')
     x_a, x_b = images[0::2][:len(images) // 2], images[1::2]
-    t = args.t or max(1, model.timesteps // 2)
+    t = args.t if args.t is not None else max(1, model.timesteps // 2)
     out = interpolate(model, x_a, x_b, t, args.lambdas, torch.Generator().manual_seed(args.seed),
                       labels if labels is None else labels[:len(x_a)], **sampler_options(args))
     grid = torch.cat([x_a.unsqueeze(1), out.transpose(0, 1), x_b.unsqueeze(1)], dim=1)
