@@ -8,11 +8,13 @@ public way in; `model_from_checkpoint` does the work on a dict already loaded.
 
 import os
 import re
+import sys
 
 import torch
 
 from diffusion import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS, create_cifar10_ddpm, model_kwargs
 from runtime import atomic_write, closest, use_channels_last
+from weights import ddim_format
 
 
 class CheckpointError(ValueError):
@@ -24,9 +26,11 @@ def load_checkpoint(path, map_location='cpu'):
 
     A raw state_dict (a dict of tensors) is accepted and returned as
     {'model_state_dict': state_dict}; a diffusers folder is converted to the
-    same dict, config included (diffusers_io.load_diffusers).
+    same dict, config included (diffusers_io.load_diffusers); so are the DDIM /
+    pytorch_diffusion format (a Model state_dict or a DDIM ckpt.pth) and a release
+    name such as 'ema_cifar10' (downloaded once; weights/ddim_format.py).
     """
-    path = os.fspath(path)
+    path = resolve_checkpoint(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f'checkpoint not found: {path} (check the path, or train one with python train.py)')
     if os.path.isdir(path):  # a diffusers UNet2DModel or DDPMPipeline folder
@@ -39,6 +43,11 @@ def load_checkpoint(path, map_location='cpu'):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
         raise CheckpointError(f'cannot load checkpoint {path}: {_load_failure_reason(e)}') from None
+    if ddim_format.recognises(ckpt):
+        try:
+            return ddim_format.to_checkpoint(ckpt, path)
+        except ddim_format.DDIMFormatError as e:
+            raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)')
     if 'model_state_dict' not in ckpt:
@@ -47,6 +56,14 @@ def load_checkpoint(path, map_location='cpu'):
         raise CheckpointError(f'{path} is not a DDPM checkpoint: it has no model_state_dict '
                               f'(keys: {sorted(ckpt)[:8]})')
     return ckpt
+
+
+def resolve_checkpoint(path):
+    """A release name of the DDIM format ('ema_cifar10', ...) -> its downloaded file; other paths unchanged."""
+    try:
+        return ddim_format.resolve(path)
+    except ddim_format.DDIMFormatError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _load_failure_reason(e):
@@ -158,8 +175,11 @@ def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **m
         if key not in valid:
             raise ValueError(f'unknown model option {key!r}{closest(key, valid)}; valid: {list(valid)}')
     stored = ckpt.get('config') or {}
-    model = create_cifar10_ddpm(**model_kwargs({**LEGACY_DEFAULTS, **stored, **model_options}))
+    options = {**LEGACY_DEFAULTS, **stored, **model_options, **_keep_attention_levels(stored, model_options)}
+    model = create_cifar10_ddpm(**model_kwargs(options))
     key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
+    if ema:
+        _say_when_ema_is_missing(ckpt)
     advice = None
     if not stored and not model_options:
         advice = ("it carries no config (a bare state_dict), so it was matched against the default "
@@ -170,22 +190,41 @@ def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **m
     return model.to(device)
 
 
-def load_model(checkpoint, ema=None, device='cpu'):
+def _keep_attention_levels(stored, model_options):
+    """With only image_size overridden, attention stays at the levels the weights have it (not at its pixels)."""
+    old, new = stored.get('image_size'), model_options.get('image_size')
+    if not (old and new) or 'attn_resolutions' in model_options or stored.get('attn_resolutions') is None:
+        return {}
+    return {'attn_resolutions': tuple(new * r // old for r in stored['attn_resolutions'])}
+
+
+def _say_when_ema_is_missing(ckpt):
+    """One line when EMA weights are wanted and a DDIM ckpt.pth has none (its loader wrote the line)."""
+    if ckpt.get('ema_state_dict') is None and ckpt.get('no_ema_note'):
+        print(ckpt['no_ema_note'], file=sys.stderr)
+
+
+def load_model(checkpoint, ema=None, device='cpu', image_size=None):
     """Rebuild the model from a checkpoint's own config.
 
     ema: None uses the EMA weights when the checkpoint has them; True requires
     them; False uses the raw (training) weights.
+    image_size: for weights that do not fix it (the DDIM format; default 32).
     Returns (model in eval mode, info dict for run metadata).
     """
+    checkpoint = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(checkpoint, map_location='cpu')
     has_ema = ckpt.get('ema_state_dict') is not None
     if ema and not has_ema:
         raise CheckpointError(f'{checkpoint} has no EMA weights (ema_state_dict is empty); '
                               f'drop --ema, or pass --no-ema to sample with the raw weights')
     use_ema = has_ema if ema is None else bool(ema)
+    if ema is None:
+        _say_when_ema_is_missing(ckpt)
     info = {'checkpoint': os.path.abspath(checkpoint), 'ema': use_ema, 'step': ckpt.get('step'),
             'epoch': ckpt.get('epoch'), 'class_names': (ckpt.get('config') or {}).get('class_names')}
-    model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint).eval()
+    options = {'image_size': image_size} if image_size else {}
+    model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint, **options).eval()
     if use_channels_last(None, torch.device(device), None):
         model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)
     return model, info

@@ -336,7 +336,8 @@ class DDPM(nn.Module):
         e.g. `DDPM.from_checkpoint('weights.pth', channels=(32, 64), image_size=16)`.
         Keywords override the stored config. A config without downsample_padding
         (written before the option existed) gets the old 'symmetric' padding.
-        `path` may also be a diffusers UNet2DModel or DDPMPipeline folder.
+        `path` may also be a diffusers UNet2DModel or DDPMPipeline folder, a file in the DDIM /
+        pytorch_diffusion format (image_size=32 unless given) or a release name such as 'ema_cifar10'.
         """
         from checkpoint import load_checkpoint, model_from_checkpoint  # checkpoint.py builds on this module
         return model_from_checkpoint(load_checkpoint(path, map_location=device), ema, device, source=path,

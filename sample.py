@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, resolve_checkpoint
 from data.image_folder import save_npz
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
 from guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
@@ -203,7 +203,7 @@ def assemble(done, counts, store, dist, rank):
 
 def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
                       ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP, spacing=None,
-                      class_label=None, guidance_scale=0.0, with_labels=False, clip_denoised=None):
+                      class_label=None, guidance_scale=0.0, with_labels=False, clip_denoised=None, image_size=None):
     """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
 
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
@@ -211,11 +211,12 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
     class_label (an index, a class name or 'all') and guidance_scale: see resolve_class_label;
     with_labels=True returns (images, labels as int64 numpy, or None when unconditional).
     clip_denoised: see sample_batch; part of the run's identity.
+    image_size: for weights that do not fix it (the DDIM format; default 32).
     """
     dist = Distributed(device)
     device = dist.device
     try:
-        model, info = load_model(checkpoint, ema=ema, device=device)
+        model, info = load_model(checkpoint, ema=ema, device=device, image_size=image_size)
         steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
         clip_denoised = resolve_clip(sampler, clip_denoised)
         class_label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, guidance_scale)
@@ -325,7 +326,11 @@ def build_parser():
         description='Sample images from a DDPM checkpoint (the model is rebuilt from the checkpoint\'s config).',
         formatter_class=HelpFormatter)
     p.add_argument('--checkpoint', required=True,
-                   help='a checkpoint written by train.py, or a diffusers DDPMPipeline / UNet2DModel folder')
+                   help='a checkpoint written by train.py, a diffusers DDPMPipeline / UNet2DModel folder, a '
+                        'DDIM-format .ckpt, or a release name (ema_cifar10, cifar10, ema_lsun_church, ...; '
+                        'docs/weights.md)')
+    p.add_argument('--image_size', type=int, default=None,
+                   help='image size for weights that do not fix it (DDIM-format files; default 32)')
     p.add_argument('--num_samples', type=int, default=64, help='number of images')
     p.add_argument('--batch_size', type=int, default=256,
                    help='images per batch; part of a run\'s identity (batch i is seeded from (seed, i))')
@@ -378,6 +383,7 @@ def run(args):
         raise ValueError('--num_samples and --batch_size must be at least 1')
     if args.npz and not args.npz.endswith('.npz'):
         raise ValueError(f'--npz must name a .npz file, got {args.npz}')
+    args.checkpoint = resolve_checkpoint(args.checkpoint)   # a release name (ema_cifar10, ...) -> its file
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     progress = not args.quiet
@@ -394,7 +400,7 @@ def run(args):
                                    args.eta, args.seed, args.ema, device, args.npz, args.out_dir, progress,
                                    amp=args.amp, spacing=args.spacing, class_label=class_label,
                                    guidance_scale=args.guidance_scale, with_labels=True,
-                                   clip_denoised=args.clip_denoised)
+                                   clip_denoised=args.clip_denoised, image_size=args.image_size)
         if result is None:   # not rank 0
             return 0
         images, labels = result
@@ -406,7 +412,7 @@ def run(args):
         if args.out_dir:
             written.append(f'{args.out_dir}/ ({images.shape[0]} PNG files)')
     if args.trajectory and rank == 0:
-        model, info = load_model(args.checkpoint, ema=args.ema, device=device)
+        model, info = load_model(args.checkpoint, ema=args.ema, device=device, image_size=args.image_size)
         n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
         label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, args.guidance_scale)
         ts, frames = trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,

@@ -41,7 +41,8 @@ def main():
     import torch
     # The repo's own modules must import too; train.py decides the device.
     for module in ('model.Blocks', 'losses', 'schedule', 'diffusion', 'samplers', 'checkpoint', 'runtime',
-                   'data.process_cifar', 'train', 'sample', 'evaluate', 'diffusers_io', 'convert'):
+                   'data.process_cifar', 'train', 'sample', 'evaluate', 'diffusers_io', 'weights.ddim_format',
+                   'convert'):
         importlib.import_module(module)
     from runtime import resolve_device
     device = resolve_device(None).type

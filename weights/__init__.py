@@ -1,0 +1,1 @@
+"""Weight formats: our checkpoints, diffusers folders, and the DDIM / pytorch_diffusion format."""
