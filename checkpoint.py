@@ -14,7 +14,7 @@ import torch
 
 from diffusion import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS, create_cifar10_ddpm, model_kwargs
 from runtime import atomic_write, closest, use_channels_last
-from weights import ddim_format
+import weights.ddim_format as ddim_format
 
 
 class CheckpointError(ValueError):

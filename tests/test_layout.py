@@ -19,7 +19,9 @@ ALLOWED = {
     'losses': set(),
     'schedule': set(),
     'diffusion': {'model.Blocks', 'guidance', 'losses', 'samplers', 'schedule', 'checkpoint'},   # checkpoint: only inside DDPM.from_checkpoint
-    'checkpoint': {'diffusion', 'runtime', 'diffusers_io'},   # diffusers_io: only inside load_checkpoint
+    'weights.ddim_format': {'model.Blocks', 'runtime'},
+    # diffusers_io: only inside load_checkpoint
+    'checkpoint': {'diffusion', 'runtime', 'diffusers_io', 'weights.ddim_format'},
     'diffusers_io': {'checkpoint', 'diffusion', 'model.Blocks', 'runtime'},
     'sample_store': {'data.image_folder', 'runtime', 'samplers'},   # samplers: each one's clipping default
     'timestep_sampler': set(),
@@ -33,7 +35,7 @@ ALLOWED = {
     'sample': {'checkpoint', 'data.image_folder', 'data.process_cifar', 'guidance', 'runtime', 'sample_store',
                'samplers'},
     'evaluate': {'checkpoint', 'data.process_cifar', 'fid', 'inception', 'runtime', 'sample', 'samplers'},
-    'convert': {'checkpoint', 'diffusers_io', 'runtime'},
+    'convert': {'checkpoint', 'diffusers_io', 'runtime', 'weights.ddim_format'},
 }
 OURS = set(ALLOWED) | {'data', 'model'}
 
