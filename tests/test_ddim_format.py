@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import convert
+import evaluate
 import sample
 from checkpoint import CheckpointError, load_model
 from diffusion import DDPM, create_cifar10_ddpm
@@ -225,12 +226,15 @@ def test_ddim_training_checkpoint_without_shadow_says_so_and_uses_the_raw_weight
 
 # ----- command lines ----------------------------------------------------------------------------
 
-def test_sample_draws_from_a_ddim_file_at_the_image_size_asked(tmp_path):
+def test_sample_and_evaluate_take_a_ddim_file_at_the_image_size_asked(tmp_path, capsys):
     torch.save(random_ddim_weights(SMALL), tmp_path / 'model.ckpt')
     npz = tmp_path / 's.npz'
     assert sample.main(['--checkpoint', str(tmp_path / 'model.ckpt'), '--num_samples', '2', '--sampler', 'ddim',
                         '--steps', '2', '--npz', str(npz), '--image_size', '16', '--device', 'cpu', '--quiet']) == 0
     assert np.load(npz)['arr_0'].shape == (2, 16, 16, 3)
+    assert evaluate.main(['--checkpoint', str(tmp_path / 'model.ckpt'), '--image_size', '16', '--bpd', '--bpd_mode',
+                          'estimate', '--bpd_data', str(npz), '--device', 'cpu', '--quiet']) == 0
+    assert 'bits/dim' in capsys.readouterr().out
     # attention stays at the level the weights have it: 16 px -> 8 x 8 (32 px -> 16 x 16)
     assert DDPM.from_checkpoint(tmp_path / 'model.ckpt', image_size=16).network.config['attn_resolutions'] == (8,)
     assert DDPM.from_checkpoint(tmp_path / 'model.ckpt').network.config['attn_resolutions'] == (16,)
