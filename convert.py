@@ -17,10 +17,11 @@ import argparse
 import os
 import sys
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_checkpoint, save_checkpoint
-from diffusers_io import save_diffusers
+from diffusion import model_from_checkpoint
 from runtime import HelpFormatter, OneLineErrorParser, run_cli
+from weights.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from weights.ddim_format import RELEASES, check_exportable, ddim_config, save_ddim
+from weights.diffusers_format import save_diffusers
 
 
 def build_parser():

@@ -16,9 +16,10 @@ import torch
 import convert
 import evaluate
 import sample
-from checkpoint import CheckpointError, load_model
 from diffusion import DDPM, create_cifar10_ddpm
+from sampling.generate import load_model
 from weights import ddim_format
+from weights.checkpoint import CheckpointError
 
 TOL = 1e-5   # max abs difference, fp32
 # google/ddpm-cifar10-32's UNet2DModel config (the paper's CIFAR-10 network).

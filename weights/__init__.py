@@ -1,1 +1,1 @@
-"""Weight formats: our checkpoints, diffusers folders, and the DDIM / pytorch_diffusion format."""
+"""Weights on disk: our checkpoints, diffusers folders, the DDIM format; plain dicts in and out, no model classes."""
