@@ -11,15 +11,14 @@ import argparse
 
 import torch
 
-from checkpoint import load_model
 from data.process_cifar import to_uint8
 from editing.images import load_images
 from editing.interpolate import FIG8_LAMBDAS, FIG8_T, interpolate, interpolate_noise
 from editing.latents import fig7_ts, shared_latents
-from guidance import resolve_class_label, run_labels
 from runtime import add_runtime_options, resolve_device
-from sample import save_grid, save_trajectory, trajectory
-from samplers import SAMPLERS
+from sampling.generate import load_model, save_grid, save_trajectory, trajectory
+from sampling.guidance import resolve_class_label, run_labels
+from sampling.samplers import SAMPLERS
 
 
 def add_model_options(p, out):

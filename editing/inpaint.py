@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from guidance import check_labels
-from samplers import draw_noise, respaced
+from sampling.guidance import check_labels
+from sampling.samplers import draw_noise, respaced
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ straight mix would shrink it by up to sqrt(2) at lambda = 1/2).
 import torch
 
 from editing.reverse import denoise_from, encode
-from samplers import draw_noise, sample_loop
-from guidance import check_labels
+from sampling.guidance import check_labels
+from sampling.samplers import draw_noise, sample_loop
 
 FIG8_LAMBDAS = tuple(i / 10 for i in range(11))   # 0, 0.1, ..., 1
 FIG8_T = 500   # the paper's t for CIFAR-10 / CelebA-HQ interpolation (of T = 1000)

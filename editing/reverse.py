@@ -7,8 +7,8 @@ at that step (`t_start`), so every sampler, variance and class-conditional model
 
 import torch
 
-from guidance import check_labels
-from samplers import draw_noise, sample_loop
+from sampling.guidance import check_labels
+from sampling.samplers import draw_noise, sample_loop
 
 
 def code_step(model, t, what='t'):

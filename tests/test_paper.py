@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 import paper
-from checkpoint import save_checkpoint
 from diffusion import create_cifar10_ddpm
-from sample import batch_seed, trajectory
+from sampling.generate import batch_seed, trajectory
+from weights.checkpoint import save_checkpoint
 
 from conftest import make_image_folder
 
@@ -47,7 +47,7 @@ def tiles(n_rows, n_cols):
 
 
 def test_fig6_columns_are_the_predicted_x0_and_end_with_the_sample(ckpt):
-    from checkpoint import load_model
+    from sampling.generate import load_model
     model, _ = load_model(ckpt, device='cpu')
     ts, pred = trajectory(model, 2, seed=4, columns=4, progress=False, amp='fp32', predicted_x0=True)
     _, chain = trajectory(model, 2, seed=4, columns=4, progress=False, amp='fp32')

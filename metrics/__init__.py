@@ -1,0 +1,1 @@
+"""Metrics: FID / Inception features, the discretised likelihood, bits/dim."""

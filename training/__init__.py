@@ -1,0 +1,1 @@
+"""Training: the loop, its reports, FID during training, timestep sampling."""
