@@ -16,7 +16,7 @@ ones can be passed with --ref_stats.
 
 Offline: --inception_weights takes torch-fidelity's weights file or NVIDIA's
 TorchScript port of the same network (inception-2015-12-05-nv.pt, see metrics/inception.py
-and the README); pass a local CIFAR-10 (--data_dir), image folder or .npz (--ref),
+and docs/evaluation.md); pass a local CIFAR-10 (--data_dir), image folder or .npz (--ref),
 or --ref_stats. `--convert_inception PORT.pt --out W.pth` writes the port's
 weights as torch-fidelity's state_dict once and checks that both give the same features.
 
@@ -121,7 +121,7 @@ def build_parser():
     f.add_argument('--ref_stats', default=None, help='precomputed reference mu/sigma (.npz, pytorch-fid format)')
     f.add_argument('--inception_weights', default=None,
                    help=f'local copy of {INCEPTION_FILE}, or NVIDIA\'s TorchScript port inception-2015-12-05-nv.pt '
-                        f'(README: "Offline FID"); default: torch.hub\'s cache or a download')
+                        f'(docs/evaluation.md: "Offline FID"); default: torch.hub\'s cache or a download')
     f.add_argument('--trust_torchscript', action='store_true',
                    help='load a TorchScript --inception_weights whose sha1 is not the known port\'s (TorchScript '
                         'is code: only for files you trust)')

@@ -79,7 +79,7 @@ def build_parser():
                    help='images per batch; part of a run\'s identity (batch i is seeded from (seed, i))')
     p.add_argument('--sampler', choices=SAMPLERS, default='ddpm',
                    help='ddpm: the paper\'s ancestral sampler over all T steps; ddim: Song et al. 2020; '
-                        'dpm-solver: DPM-Solver++(2M), Lu et al. 2022 (fast; see README)')
+                        'dpm-solver: DPM-Solver++(2M), Lu et al. 2022 (fast; see docs/sampling.md)')
     p.add_argument('--steps', type=int, default=None,
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
                         f'for dpm-solver); for ddpm (default all T) fewer steps respace the chain (Nichol & '
@@ -89,7 +89,7 @@ def build_parser():
                         'log-SNR); default: uniform for ddim, logsnr for dpm-solver')
     p.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=None,
                    help='clip the predicted x_0 to [-1, 1] at every step (default: on for ddpm and ddim, as the '
-                        'paper\'s sampler does; off for dpm-solver; see README for what it does to FID)')
+                        'paper\'s sampler does; off for dpm-solver; see docs/sampling.md for what it does to FID)')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
     which = p.add_mutually_exclusive_group()
     which.add_argument('--class_label', default=None,

@@ -1,5 +1,5 @@
 """FID between the splits of the offline CIFAR-10 JPEG copy, at several sample sizes: the reference values
-of tests/test_fid.py and the README.
+of tests/test_fid.py and docs/evaluation.md.
 
     python bench/fid_reference.py --per_split 800          # ~1,700 Inception passes: ~10 min on 2 busy cores
 

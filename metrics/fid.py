@@ -152,8 +152,8 @@ def load_feature_extractor(name=INCEPTION, weights=None, device='cpu', verbose=F
             raise EvalError(f'cannot load feature extractor {name!r}: {e}') from None
         cached = os.path.join(torch.hub.get_dir(), 'checkpoints', INCEPTION_FILE)
         raise EvalError(f'the Inception weights for FID/IS are not available offline ({type(e).__name__}): pass '
-                        f'--inception_weights PATH with {INCEPTION_URL} or NVIDIA\'s TorchScript port (see the '
-                        f'README, "Offline FID"), or put the first at {cached}') from None
+                        f'--inception_weights PATH with {INCEPTION_URL} or NVIDIA\'s TorchScript port (see '
+                        f'docs/evaluation.md, "Offline FID"), or put the first at {cached}') from None
     extractor.requires_grad_(False).eval().to(device)
     if torch.device(device).type == 'cpu':
         # oneDNN runs its convolutions ~1.5x faster with NHWC weights (features equal to ~1e-5); CUDA unmeasured.

@@ -68,7 +68,7 @@ def ode_error(model, net, sampler, steps, spacing=None, n=16):
 # DPM-Solver is 46x, 23x and 69x closer than DDIM at 10, 20 and 50 NFE (4.9x, 7.5x, 21x than DDIM
 # quadratic). Its error falls as 1/NFE^2 from 40 NFE on (checked against a continuous-lambda version of
 # the same update), down to a floor of ~9e-4 that the integer steps near t = 0 set (lambda_0 - lambda_1
-# = 0.4 with no step in between); DDIM reaches 8e-3 at 1000 steps. The same table is in README.md.
+# = 0.4 with no step in between); DDIM reaches 8e-3 at 1000 steps. The same table is in docs/sampling.md.
 ERRORS = {('ddim', 10): 0.577, ('ddim', 20): 0.354, ('dpm-solver', 10): 0.0126, ('dpm-solver', 20): 0.0152}
 
 

@@ -24,7 +24,7 @@ SAMPLE_BATCH = 250      # images per sampling batch (with the seed it fixes the 
 FEATURE_BATCH = 250
 BEST_FILE = 'ddpm_best_fid.pth'
 OFF_HINT = ('FID during training is off; turn it on with --fid_every N (offline it needs --fid_weights PATH, '
-            'see the README, "Offline FID")')
+            'see docs/evaluation.md, "Offline FID")')
 
 
 class FIDDuringTraining:
