@@ -1,4 +1,4 @@
-"""One-second environment check: `python test_imports.py`.
+"""Environment check (a few seconds; importing torch dominates): `python test_imports.py`.
 
 Imports every dependency, prints its version and the device training would
 pick, and exits non-zero with one line per missing package.
