@@ -40,7 +40,7 @@ import torch
 import sampling.generate as generation   # a module name: the names that moved there still warn here
 from runtime import HelpFormatter, add_runtime_options, resolve_device, run_cli
 from sampling.guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
-from sampling.samplers import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS
+from sampling.samplers import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, few_steps_warning
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
@@ -169,6 +169,9 @@ def run(args):
                                            guidance_scale=args.guidance_scale, clip_denoised=args.clip_denoised)
         written.append(f'{save_trajectory(frames, args.trajectory)} (rows: {n} images; columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
+    warning = few_steps_warning(args.sampler, args.steps)
+    if warning:   # said after the run (a short one, at these steps), so that a failed run shows only its error
+        print(f'warning: {warning}', file=sys.stderr)
     for line in written:
         print(f'wrote {line}')
     return 0

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from model.presets import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS
-from runtime import Distributed, OneLineErrorParser, plain
+from runtime import Distributed, OneLineErrorParser, cli_text, plain
 from training.config import DEFAULTS, FIELDS, OPTIONS, TrainConfig, suggestion
 from training.loop import TrainLoop
 from weights.checkpoint import CheckpointError, load_checkpoint
@@ -184,7 +184,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as e:
         if debug:
             raise
-        parser.exit(2, f'error: {e}\n')
+        parser.exit(2, f'error: {cli_text(e)}\n')
     except torch.OutOfMemoryError:
         if debug:
             raise

@@ -275,3 +275,14 @@ def test_dpm_solver_runs_record_their_spacing_and_refuse_to_mix(ckpt, tmp_path, 
     for bad in (['--steps', '0'], ['--steps', str(TIMESTEPS + 1)], ['--eta', '1']):
         code, out = run_main([*args[:-2], *bad, '--quiet'], capsys)
         assert code == 2 and out.err.startswith('error: ') and len(out.err.strip().splitlines()) == 1, bad
+
+
+def test_dpm_solver_below_ten_steps_warns_in_one_line(ckpt, tmp_path, capsys):
+    """Issue 22, item 6: sample.py --sampler dpm-solver --steps 1 says that the README recommends 10 or more."""
+    base = ['--checkpoint', ckpt, '--num_samples', '2', '--sampler', 'dpm-solver', '--out', str(tmp_path / 'g.png')]
+    code, out = run_main([*base, '--steps', '1'], capsys)
+    assert code == 0 and out.err.strip() == ('warning: dpm-solver with 1 step gives poor images; the README '
+                                             'recommends at least 10 (20 for final samples)'), out.err
+    code, out = run_main([*base, '--steps', '10'], capsys)   # TIMESTEPS = 10: the fewest recommended steps
+    assert code == 0 and 'warning' not in out.err, out.err
+
