@@ -264,7 +264,7 @@ def test_dpm_solver_runs_record_their_spacing_and_refuse_to_mix(ckpt, tmp_path, 
     npz = tmp_path / 'dpm.npz'
     args = ['--checkpoint', ckpt, '--num_samples', '4', '--batch_size', '2', '--sampler', 'dpm-solver',
             '--steps', '3', '--npz', str(npz)]
-    assert run_main(args)[0] == 0
+    assert run_main(args, capsys)[0] == 0   # (capsys: its few-steps warning is read here, not by the checks below)
     meta = json.loads((tmp_path / 'dpm.npz.json').read_text())
     assert (meta['sampler'], meta['steps'], meta['spacing']) == ('dpm-solver', 3, 'logsnr')
     other = {**meta, 'spacing': 'quadratic'}
