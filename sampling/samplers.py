@@ -31,6 +31,7 @@ SAMPLERS = ('ddpm', 'ddim', 'dpm-solver')
 SPACINGS = ('uniform', 'quadratic', 'logsnr')
 DEFAULT_DDIM_STEPS = 100   # the DDIM steps of sample.py, evaluate.py and the training grids
 DEFAULT_DPM_SOLVER_STEPS = 20   # dpm-solver's steps when none are given
+MIN_RECOMMENDED_STEPS = {'dpm-solver': 10}   # below this its images fall apart (README, "Recommendation")
 DEFAULT_SPACING = {'ddim': 'uniform', 'dpm-solver': 'logsnr'}   # 'ddpm' visits every step
 CLIPS_BY_DEFAULT = {'ddpm': True, 'ddim': True, 'dpm-solver': False}   # x_0_pred clipped to [-1, 1]?
 
@@ -66,6 +67,15 @@ def resolve_spacing(sampler, spacing, eta=0.0):
 def resolve_clip(sampler, clip_denoised):
     """Whether `sampler` clips its predicted x_0 to [-1, 1]: `clip_denoised`, or None for its default."""
     return CLIPS_BY_DEFAULT[sampler] if clip_denoised is None else bool(clip_denoised)
+
+
+def few_steps_warning(sampler, steps):
+    """A one-line warning when `steps` is below the fewest the README recommends for `sampler`, else None."""
+    least = MIN_RECOMMENDED_STEPS.get(sampler)
+    if steps is None or least is None or not 1 <= steps < least:   # (steps < 1 is an error elsewhere)
+        return None
+    return (f'{sampler} with {steps} step{"s" if steps > 1 else ""} gives poor images; the README recommends '
+            f'at least {least} (20 for final samples)')
 
 
 def check_options(timesteps, sampler, steps, spacing=None, eta=0.0):
