@@ -41,8 +41,8 @@ class TrainConfig:
     sample_sampler: str = option('dpm-solver', "sampler for the grids: 'dpm-solver', 'ddim' or 'ddpm' (the "
                                                "paper's T)")
     sample_steps: int = option(DEFAULT_DPM_SOLVER_STEPS, 'network evaluations of a ddim / dpm-solver grid '
-                                                         '(FID: README)')
-    fid_every: int = option(0, 'epochs between FID evaluations of the EMA model (0: off); see README')
+                                                         '(FID: docs/sampling.md)')
+    fid_every: int = option(0, 'epochs between FID evaluations of the EMA model (0: off); see docs/training.md')
     fid_samples: int = option(10000, 'samples per FID evaluation, scored against the training images')
     fid_sampler: str = option('ddim', "sampler for the FID samples: 'ddim', 'dpm-solver' or 'ddpm' (all T steps)")
     fid_steps: int = option(50, 'network evaluations of a ddim / dpm-solver FID sample')
