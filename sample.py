@@ -15,10 +15,11 @@ a name from its class_names), all classes in turn (--classes all: image i gets
 class i % num_classes), or none (unconditional, the null class); --guidance_scale w
 is classifier-free guidance. The .npz then holds the labels beside the images.
 
-Reproducibility: batch i (of --batch_size images) draws all its noise from its
-own generator, seeded from (--seed, i). The images therefore depend only on the
-checkpoint, the sampler options, the seed and the batch size; not on where a
-run was interrupted, nor on how many processes shared the work.
+Reproducibility: image i draws all its noise (x_T and every step's) from its own
+generator, seeded from (--seed, i). The images therefore depend only on the
+checkpoint, the sampler options and the seed: not on --batch_size, not on where a
+run was interrupted, nor on how many processes shared the work. (Until seeds were
+per image, a batch shared one generator; the same seed now gives other images.)
 
 Resuming: with --npz or --out_dir, every finished batch is written at once to
 <npz>.parts/ (or <out_dir>/.parts/) as its own small file. Run the same command

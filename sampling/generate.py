@@ -17,8 +17,8 @@ from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the
 from diffusion import model_from_checkpoint
 from runtime import DEFAULT_AMP, Distributed, amp_dtype, autocast, file_sha256, use_channels_last, write_json
 from sampling.guidance import resolve_class_label, run_labels
-from sampling.samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, resolve_clip, resolve_spacing,
-                               timestep_sequence)
+from sampling.samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, draw_noise, resolve_clip,
+                               resolve_spacing, timestep_sequence)
 from sampling.store import PartialRun, reuse_complete_npz, run_meta
 from weights.checkpoint import load_checkpoint
 from weights.torch_file import CheckpointError
@@ -50,7 +50,8 @@ def load_model(checkpoint, ema=None, device='cpu'):
 # ----- small helpers -------------------------------------------------------------------------
 
 def batch_seed(seed, index):
-    """The seed of batch `index`'s generator: distinct for every (seed, index) pair in practice."""
+    """The seed of stream `index` of a run (image `index` when sampling, a batch in bits/dim): distinct for
+    every (seed, index) pair in practice."""
     return (int(seed) * 1_000_003 + int(index)) % (2 ** 63)
 
 
@@ -59,6 +60,12 @@ def batch_counts(num_samples, batch_size):
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}')
     return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+
+
+def image_generators(seed, first, count):
+    """One CPU generator per image, images first .. first + count - 1, each seeded from (seed, image index): an
+    image's noise (x_T and every step's) depends only on (seed, index), not on the batch size or the ranks."""
+    return [torch.Generator().manual_seed(batch_seed(seed, first + j)) for j in range(count)]
 
 
 def resolve_steps(model, sampler, steps):
@@ -78,17 +85,18 @@ def resolve_steps(model, sampler, steps):
 # ----- sampling -------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def sample_batch(model, index, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
+def sample_batch(model, first, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
                  amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None):
     """Batch `index` of a run: `count` images as uint8 [count, H, W, C] (numpy, on the CPU).
 
-    Its noise comes from a CPU generator seeded from (seed, index), so the batch
-    is the same whichever process draws it and whatever ran before. amp='auto'
+    Images first .. first + count - 1 of a run: each draws its noise from its own CPU generator seeded from
+    (seed, its index) (image_generators), so an image is the same whatever the batch size, whichever process
+    draws it and whatever ran before. amp='auto'
     runs the network in bf16 where that is fast (CUDA, CPUs with native bf16);
     the sampler's arithmetic stays fp32. labels: this batch's classes (None: unconditional).
     clip_denoised: clip the predicted x_0 to [-1, 1] at every step (None: the sampler's default).
     """
-    generator = torch.Generator().manual_seed(batch_seed(seed, index))
+    generator = image_generators(seed, first, count)
     model.eval()
     device = torch.device(device) if device is not None else model.betas.device
     dtype = amp_dtype(amp, device)
@@ -125,7 +133,7 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
     done = {}
     todo = []
     for i in mine:
-        images = store.load(i, counts[i]) if store is not None else None
+        images = store.load(i * batch_size, counts[i]) if store is not None else None
         if images is None:
             todo.append(i)
         elif store is None or rank == 0:
@@ -141,17 +149,17 @@ def generate(model, num_samples, batch_size=256, sampler='ddpm', steps=None, eta
         bar = tqdm(todo, desc=f'sampling {num_samples} images ({sampler}, {steps} steps)', unit='batch')
     for i in bar:
         start = i * batch_size
-        images = sample_batch(model, i, counts[i], sampler, steps, eta, seed, device,
+        images = sample_batch(model, start, counts[i], sampler, steps, eta, seed, device,
                               progress=progress and rank == 0 and len(todo) == 1, amp=amp, spacing=spacing,
                               labels=labels[start:start + counts[i]] if labels is not None else None,
                               guidance_scale=guidance_scale, clip_denoised=clip_denoised)
         if out_dir:
             save_pngs(images, out_dir, first_index=start)
         if store is not None:
-            store.save(i, images)
+            store.save(start, images)
         if store is None or rank == 0:
             done[i] = images
-    return assemble(done, counts, store, dist, rank)
+    return assemble(done, counts, batch_size, store, dist, rank)
 
 
 def open_parts(parts_dir, meta, dist, rank):
@@ -176,7 +184,7 @@ def save_pngs(images, out_dir, first_index):
             os.path.join(out_dir, f'{first_index + j:06d}.png'))
 
 
-def assemble(done, counts, store, dist, rank):
+def assemble(done, counts, batch_size, store, dist, rank):
     """All batches in order on rank 0 (None elsewhere): gathered from the ranks, or read from the parts."""
     if dist is not None and dist.world_size > 1:
         if store is None:   # nothing on disk: send the images to rank 0
@@ -189,7 +197,7 @@ def assemble(done, counts, store, dist, rank):
     if store is not None:
         for i in range(len(counts)):
             if i not in done:
-                images = store.load(i, counts[i])
+                images = store.load(i * batch_size, counts[i])
                 if images is None:
                     raise ValueError(f'batch {i} is missing from {store.folder}; did a process fail? '
                                        f'Run the same command again to sample it')
@@ -263,13 +271,13 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
 
     Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
     (the sample, in the paper's 1-based t); the noise comes from batch 0's
-    generator, so the last column equals a --batch_size n run's first batch.
+    generators (image_generators), so the last column equals a run's first n images.
     """
     steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
-    generator = torch.Generator().manual_seed(batch_seed(seed, 0))
-    x_T = torch.randn((n, *model.image_shape), generator=generator)
+    generator = image_generators(seed, 0, n)
+    x_T = draw_noise((n, *model.image_shape), generator, 'cpu')
     T = model.timesteps
     seq = timestep_sequence(model, sampler, steps, spacing)
     # The state after the i-th step is x at the paper's t = (next step in seq) + 1, or t = 0 at the end.
