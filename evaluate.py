@@ -45,9 +45,9 @@ from metrics.fid import (INCEPTION, INCEPTION_FILE, EvalError, check_conversion,
                          load_images, load_stats, reference_statistics)
 from metrics.inception import is_torchscript, torchscript_to_fidelity
 from runtime import HelpFormatter, add_runtime_options, atomic_write, read_json, resolve_device, run_cli, write_json
-from sampling.generate import load_model, resolve_steps, sample_checkpoint
-from sampling.samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip,
-                               resolve_spacing)
+from sampling.generate import load_model, sample_checkpoint
+from sampling.options import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip,
+                              resolve_spacing, resolve_steps)
 
 PAPER_NUM_SAMPLES = 50_000
 

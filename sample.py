@@ -41,7 +41,7 @@ import torch
 import sampling.generate as generation   # a module name: the names that moved there still warn here
 from runtime import HelpFormatter, add_runtime_options, resolve_device, run_cli
 from sampling.guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
-from sampling.samplers import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS
+from sampling.options import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8

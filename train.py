@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from diffusion import BETA_SCHEDULES, LOSSES, check_model_options
 from model.presets import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS
 from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest, plain
-from sampling.samplers import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS
+from sampling.options import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS
 from training.loop import TrainLoop
 from weights.checkpoint import CheckpointError, load_checkpoint
 

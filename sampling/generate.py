@@ -16,9 +16,9 @@ from data.image_folder import save_npz
 from data.process_cifar import to_uint8   # [-1, 1] -> uint8, the inverse of the data's u / 127.5 - 1
 from diffusion import model_from_checkpoint
 from runtime import DEFAULT_AMP, Distributed, amp_dtype, autocast, file_sha256, use_channels_last, write_json
-from sampling.guidance import resolve_class_label, run_labels
-from sampling.samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, draw_noise, resolve_clip,
-                               resolve_spacing, timestep_sequence)
+from sampling.guidance import check_labels, resolve_class_label, run_labels
+from sampling.noise import draw_noise
+from sampling.options import SampleOptions, resolve_clip, resolve_spacing, resolve_steps, timesteps_of
 from sampling.store import PartialRun, reuse_complete_npz, run_meta
 from weights.checkpoint import load_checkpoint
 from weights.torch_file import CheckpointError
@@ -67,22 +67,6 @@ def image_generators(seed, first, count):
     image's noise (x_T and every step's) depends only on (seed, index), not on the batch size or the ranks."""
     return [torch.Generator().manual_seed(batch_seed(seed, first + j)) for j in range(count)]
 
-
-def resolve_steps(model, sampler, steps):
-    """The number of network evaluations: for 'ddpm' T, or `steps` (a respaced chain, iDDPM section 4);
-    otherwise `steps` (default DEFAULT_DDIM_STEPS for 'ddim', DEFAULT_DPM_SOLVER_STEPS for 'dpm-solver')."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f'sampler must be one of {SAMPLERS}, got {sampler!r}')
-    if sampler == 'ddpm' and steps is None:
-        return model.timesteps
-    if steps is None:
-        steps = min(DEFAULT_DPM_SOLVER_STEPS if sampler == 'dpm-solver' else DEFAULT_DDIM_STEPS, model.timesteps)
-    if not 1 <= steps <= model.timesteps:
-        raise ValueError(f'--steps must be between 1 and the checkpoint\'s timesteps={model.timesteps}, got {steps}')
-    return steps
-
-
-# ----- sampling -------------------------------------------------------------------------------
 
 @torch.inference_mode()
 def sample_batch(model, first, count, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, progress=False,
@@ -273,20 +257,20 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     (the sample, in the paper's 1-based t); the noise comes from batch 0's
     generators (image_generators), so the last column equals a run's first n images.
     """
-    steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
+    options = SampleOptions(sampler, steps, spacing, eta, clip_denoised, guidance_scale).resolve(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
     generator = image_generators(seed, 0, n)
     x_T = draw_noise((n, *model.image_shape), generator, 'cpu')
     T = model.timesteps
-    seq = timestep_sequence(model, sampler, steps, spacing)
+    seq = timesteps_of(model, options)
     # The state after the i-th step is x at the paper's t = (next step in seq) + 1, or t = 0 at the end.
     visited = [T] + [int(seq[i + 1]) + 1 if i + 1 < len(seq) else 0 for i in range(len(seq))]
     wanted = sorted({min(visited, key=lambda v: abs(v - target))
                      for target in np.linspace(T, 0, columns)}, reverse=True)
     frames = {T: x_T.to(device)} if T in wanted else {}
-    chain = model.sample_progressive(n, device, sampler, steps, eta, generator, progress, x_T=x_T, spacing=spacing,
-                                     labels=labels, guidance_scale=guidance_scale, clip_denoised=clip_denoised)
+    labels = check_labels(labels, n, model.num_classes, device)
+    chain = model.run_sampler(options, n, device, generator, progress, x_T=x_T, labels=labels)
     with autocast(device, amp_dtype(amp, device)):
         for i, (step, x, _) in enumerate(chain):
             t = visited[i + 1] if step >= 0 else 0

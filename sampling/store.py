@@ -12,7 +12,7 @@ import shutil
 
 from data.image_folder import read_npz_images, save_npz
 from runtime import read_json, write_json
-from sampling.samplers import CLIPS_BY_DEFAULT
+from sampling.options import resolve_clip, resolve_spacing
 
 META_FORMAT = 2   # 2: seeds per image (1: per batch, whose images depend on the batch size)
 
@@ -79,9 +79,9 @@ def meta_difference(old, new):
         return 'its meta.json is unreadable'
     diffs = []
     if 'spacing' not in old:   # recorded since there is a choice: older runs were uniform DDIM or DDPM
-        old = {**old, 'spacing': 'uniform' if old.get('sampler') == 'ddim' else None}
+        old = {**old, 'spacing': resolve_spacing(old['sampler'], None) if old.get('sampler') else None}
     if 'clip_denoised' not in old:   # likewise: older runs clipped as their sampler does by default
-        old = {**old, 'clip_denoised': CLIPS_BY_DEFAULT.get(old.get('sampler'))}
+        old = {**old, 'clip_denoised': resolve_clip(old['sampler'], None) if old.get('sampler') else None}
     old = {'format': 1, **LEGACY_META, **old}
     for key in IDENTITY_KEYS:
         if old.get(key) != new.get(key):
@@ -96,7 +96,7 @@ def meta_difference(old, new):
 def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=None, class_label=None,
              guidance_scale=0.0, clip_denoised=None):
     """What the images depend on; `spacing` and `clip_denoised` as the sampler resolved them
-    (samplers.resolve_spacing, resolve_clip);
+    (sampling.options.resolve_spacing, resolve_clip);
     class_label: the class index of every image, 'all' (class i % num_classes for image i) or None."""
     return {
         'format': META_FORMAT,

@@ -1,4 +1,4 @@
-"""Tests of the fast samplers in sampling/samplers.py: DPM-Solver++(2M) and the step spacings.
+"""Tests of the fast samplers in sampling/ (dpm_solver.py, timesteps.py): DPM-Solver++(2M) and the step spacings.
 
 The solvers are measured against the probability-flow ODE's exact solution for
 Gaussian data, with the exact noise predictor (test_diffusion.IdealGaussianEps,
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import sampling.samplers as samplers
 from diffusion import DDPM
-from sampling.samplers import spaced_timesteps
+from sampling.dpm_solver import dpm_solver_coefficients
+from sampling.timesteps import ddim_timesteps, distinct_steps, half_log_snr, spaced_timesteps
 from test_diffusion import MU, S, T, IdealGaussianEps, Recorder, np_schedule
 
 
@@ -107,7 +107,7 @@ def test_dpm_solver_coefficients_are_algorithm_2s():
     seq = [999, 700, 400, 150, 40, 5, 0]
     alpha, sigma = np.sqrt(abar[seq]), np.sqrt(1 - abar[seq])
     lam = np.log(alpha / sigma)
-    coefs = samplers.dpm_solver_coefficients(model, seq)
+    coefs = dpm_solver_coefficients(model, seq)
     assert len(coefs) == len(seq)
     for i, (c_x, c_d, w) in enumerate(coefs[:-1]):
         h = lam[i + 1] - lam[i]
@@ -163,7 +163,7 @@ def test_default_ddim_sequence_is_unchanged():
     for steps in range(2, 1001):
         expected = torch.linspace(0, 999, steps, dtype=torch.float64).round().long().tolist()
         assert spaced_timesteps(1000, steps).tolist() == expected, steps
-        assert samplers.ddim_timesteps(1000, steps).tolist() == expected, steps
+        assert ddim_timesteps(1000, steps).tolist() == expected, steps
     assert spaced_timesteps(1000, 1).tolist() == [999]
 
 
@@ -187,9 +187,9 @@ def test_distinct_steps_resolves_collisions_anywhere():
     """Positions that round to the same step (here in the middle and at the top) become consecutive steps,
     and the rounding elsewhere is untouched."""
     u = torch.tensor([0.0, 3.2, 5.1, 5.2, 5.3, 7.9, 8.7, 8.8, 9.0], dtype=torch.float64)
-    assert samplers.distinct_steps(u, 10).tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]   # 9 of 10: room decides
-    assert samplers.distinct_steps(u, 12).tolist() == [0, 3, 5, 6, 7, 8, 9, 10, 11]
-    assert samplers.distinct_steps(u[[0, 1, 2, 3, 4, 8]], 10).tolist() == [0, 3, 5, 6, 7, 9]
+    assert distinct_steps(u, 10).tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]   # 9 of 10: room decides
+    assert distinct_steps(u, 12).tolist() == [0, 3, 5, 6, 7, 8, 9, 10, 11]
+    assert distinct_steps(u[[0, 1, 2, 3, 4, 8]], 10).tolist() == [0, 3, 5, 6, 7, 9]
 
 
 def test_quadratic_spacing_is_ddims_quadratic_sequence():
@@ -208,8 +208,8 @@ def test_logsnr_spacing_is_uniform_in_lambda():
     from lambda_0 to lambda_{T-1} (the model's own buffers, checked here against the float64 schedule)."""
     lam = lambdas()
     model = DDPM(Recorder(), timesteps=T, image_shape=(1, 2, 2))
-    np.testing.assert_allclose(samplers.half_log_snr(model).numpy(), lam, rtol=1e-6, atol=1e-6)
-    seq = spaced_timesteps(T, 10, 'logsnr', samplers.half_log_snr(model)).numpy()
+    np.testing.assert_allclose(half_log_snr(model).numpy(), lam, rtol=1e-6, atol=1e-6)
+    seq = spaced_timesteps(T, 10, 'logsnr', half_log_snr(model)).numpy()
     target = np.linspace(lam[0], lam[-1], 10)
     gaps = np.abs(np.diff(lam))
     for t, want in zip(seq, target):
