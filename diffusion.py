@@ -406,7 +406,8 @@ class DDPM(nn.Module):
         e.g. `DDPM.from_checkpoint('weights.pth', channels=(32, 64), image_size=16)`.
         Keywords override the stored config. A config without downsample_padding
         (written before the option existed) gets the old 'symmetric' padding.
-        `path` may also be a diffusers UNet2DModel or DDPMPipeline folder.
+        `path` may also be a diffusers UNet2DModel or DDPMPipeline folder, a file in the DDIM /
+        pytorch_diffusion format (image_size=32 unless given) or a release name such as 'ema_cifar10'.
         """
         ckpt = checkpoint_files.load_checkpoint(path, map_location=device)
         return model_from_checkpoint(ckpt, ema, device, source=path, **model_options)

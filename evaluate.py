@@ -48,6 +48,7 @@ from runtime import HelpFormatter, add_runtime_options, atomic_write, read_json,
 from sampling.generate import load_model, sample_checkpoint
 from sampling.options import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip,
                               resolve_spacing, resolve_steps)
+from weights.checkpoint import resolve_checkpoint
 
 PAPER_NUM_SAMPLES = 50_000
 
@@ -86,7 +87,10 @@ def build_parser():
         formatter_class=HelpFormatter)
     what = p.add_argument_group('what to evaluate')
     what.add_argument('--checkpoint', default=None,
-                      help='a checkpoint written by train.py, or a diffusers model folder')
+                      help='a checkpoint written by train.py, a diffusers model folder, a DDIM-format .ckpt, or '
+                           'a release name (ema_cifar10, ...; docs/weights.md)')
+    what.add_argument('--image_size', type=int, default=None,
+                      help='image size for weights that do not fix it (DDIM-format files; default 32)')
     what.add_argument('--samples', default=None, help='score existing samples: an .npz (uint8 NHWC) or image folder')
     what.add_argument('--fid', action='store_true', help='FID and Inception Score')
     what.add_argument('--kid', action='store_true', help='also KID (caches the reference features, ~0.4 GB)')
@@ -214,6 +218,8 @@ def check_inputs(args):
         raise EvalError('pass exactly one of --checkpoint (sample, then score) or --samples (score existing samples)')
     if args.bpd and not args.checkpoint:
         raise EvalError('--bpd needs --checkpoint (bits/dim is a property of the model, not of samples)')
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)   # a release name -> its file (downloaded once)
     if args.checkpoint and not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     if args.samples and not os.path.exists(args.samples):
@@ -270,14 +276,15 @@ def score_images(args, device, helper):
 
 def sample_for_fid(args, device, progress):
     """The checkpoint's samples for FID (drawn once, reused from their .npz) and the options they depend on."""
-    model, info = load_model(args.checkpoint, ema=args.ema, device='cpu')
+    model, info = load_model(args.checkpoint, ema=args.ema, device='cpu', image_size=args.image_size)
     steps, model_ema = resolve_steps(model, args.sampler, args.steps), info['ema']
     spacing = resolve_spacing(args.sampler, args.spacing, args.eta)
     del model
     npz = args.npz or default_npz(args, steps, model_ema)
     images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
                                args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
-                               amp=args.amp, spacing=spacing, clip_denoised=args.clip_denoised)
+                               amp=args.amp, spacing=spacing, clip_denoised=args.clip_denoised,
+                               image_size=args.image_size)
     options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing,
                'clip_denoised': resolve_clip(args.sampler, args.clip_denoised), 'eta': args.eta,
                'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
@@ -287,7 +294,7 @@ def sample_for_fid(args, device, progress):
 
 def score_bpd(args, device):
     """bits/dim of the checkpoint on the test images; the result line."""
-    model, info = load_model(args.checkpoint, ema=args.ema, device=device)
+    model, info = load_model(args.checkpoint, ema=args.ema, device=device, image_size=args.image_size)
     c, h, w = model.image_shape
     images = load_images(args.bpd_data, args.data_dir, train=False, image_size=h)
     if args.num_images is not None:

@@ -42,6 +42,7 @@ import sampling.generate as generation   # a module name: the names that moved t
 from runtime import HelpFormatter, add_runtime_options, resolve_device, run_cli
 from sampling.guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
 from sampling.options import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS
+from weights.checkpoint import resolve_checkpoint
 
 GRID_MAX_IMAGES = 256
 TRAJECTORY_MAX_IMAGES = 8
@@ -80,7 +81,11 @@ def build_parser():
         description='Sample images from a DDPM checkpoint (the model is rebuilt from the checkpoint\'s config).',
         formatter_class=HelpFormatter)
     p.add_argument('--checkpoint', required=True,
-                   help='a checkpoint written by train.py, or a diffusers DDPMPipeline / UNet2DModel folder')
+                   help='a checkpoint written by train.py, a diffusers DDPMPipeline / UNet2DModel folder, a '
+                        'DDIM-format .ckpt, or a release name (ema_cifar10, cifar10, ema_lsun_church, ...; '
+                        'docs/weights.md)')
+    p.add_argument('--image_size', type=int, default=None,
+                   help='image size for weights that do not fix it (DDIM-format files; default 32)')
     p.add_argument('--num_samples', type=int, default=64, help='number of images')
     p.add_argument('--batch_size', type=int, default=256,
                    help='images per batch; part of a run\'s identity (batch i is seeded from (seed, i))')
@@ -133,6 +138,7 @@ def run(args):
         raise ValueError('--num_samples and --batch_size must be at least 1')
     if args.npz and not args.npz.endswith('.npz'):
         raise ValueError(f'--npz must name a .npz file, got {args.npz}')
+    args.checkpoint = resolve_checkpoint(args.checkpoint)   # a release name (ema_cifar10, ...) -> its file
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     progress = not args.quiet
@@ -149,7 +155,7 @@ def run(args):
             args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps, args.eta, args.seed,
             args.ema, device, args.npz, args.out_dir, progress, amp=args.amp, spacing=args.spacing,
             class_label=class_label, guidance_scale=args.guidance_scale, with_labels=True,
-            clip_denoised=args.clip_denoised)
+            clip_denoised=args.clip_denoised, image_size=args.image_size)
         if result is None:   # not rank 0
             return 0
         images, labels = result
@@ -161,7 +167,8 @@ def run(args):
         if args.out_dir:
             written.append(f'{args.out_dir}/ ({images.shape[0]} PNG files)')
     if args.trajectory and rank == 0:
-        model, info = generation.load_model(args.checkpoint, ema=args.ema, device=device)
+        model, info = generation.load_model(args.checkpoint, ema=args.ema, device=device,
+                                            image_size=args.image_size)
         n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
         label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, args.guidance_scale)
         ts, frames = generation.trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,

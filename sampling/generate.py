@@ -20,28 +20,33 @@ from sampling.guidance import check_labels, resolve_class_label, run_labels
 from sampling.noise import draw_noise
 from sampling.options import SampleOptions, resolve_clip, resolve_spacing, resolve_steps, timesteps_of
 from sampling.store import PartialRun, reuse_complete_npz, run_meta
-from weights.checkpoint import load_checkpoint
+from weights.checkpoint import load_checkpoint, resolve_checkpoint, say_when_ema_is_missing
 from weights.torch_file import CheckpointError
 
 TRAJECTORY_COLUMNS = 11   # x_T, 9 intermediate x_t, x_0
 
 
-def load_model(checkpoint, ema=None, device='cpu'):
+def load_model(checkpoint, ema=None, device='cpu', image_size=None):
     """Rebuild the model from a checkpoint's own config.
 
     ema: None uses the EMA weights when the checkpoint has them; True requires
     them; False uses the raw (training) weights.
+    image_size: for weights that do not fix it (the DDIM format; default 32).
     Returns (model in eval mode, info dict for run metadata).
     """
+    checkpoint = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(checkpoint, map_location='cpu')
     has_ema = ckpt.get('ema_state_dict') is not None
     if ema and not has_ema:
         raise CheckpointError(f'{checkpoint} has no EMA weights (ema_state_dict is empty); '
                               f'drop --ema, or pass --no-ema to sample with the raw weights')
     use_ema = has_ema if ema is None else bool(ema)
+    if ema is None:
+        say_when_ema_is_missing(ckpt)
     info = {'checkpoint': os.path.abspath(checkpoint), 'ema': use_ema, 'step': ckpt.get('step'),
             'epoch': ckpt.get('epoch'), 'class_names': (ckpt.get('config') or {}).get('class_names')}
-    model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint).eval()
+    options = {'image_size': image_size} if image_size else {}
+    model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint, **options).eval()
     if use_channels_last(None, torch.device(device), None):
         model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)
     return model, info
@@ -191,7 +196,7 @@ def assemble(done, counts, batch_size, store, dist, rank):
 
 def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm', steps=None, eta=0.0, seed=0,
                       ema=None, device=None, npz=None, out_dir=None, progress=True, amp=DEFAULT_AMP, spacing=None,
-                      class_label=None, guidance_scale=0.0, with_labels=False, clip_denoised=None):
+                      class_label=None, guidance_scale=0.0, with_labels=False, clip_denoised=None, image_size=None):
     """Checkpoint -> uint8 [N, H, W, C] images (None on ranks other than 0 under torchrun).
 
     With `npz` the run is resumable (parts in <npz>.parts/) and reused when the
@@ -199,11 +204,12 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
     class_label (an index, a class name or 'all') and guidance_scale: see resolve_class_label;
     with_labels=True returns (images, labels as int64 numpy, or None when unconditional).
     clip_denoised: see sample_batch; part of the run's identity.
+    image_size: for weights that do not fix it (the DDIM format; default 32).
     """
     dist = Distributed(device)
     device = dist.device
     try:
-        model, info = load_model(checkpoint, ema=ema, device=device)
+        model, info = load_model(checkpoint, ema=ema, device=device, image_size=image_size)
         steps, spacing = resolve_steps(model, sampler, steps), resolve_spacing(sampler, spacing, eta)
         clip_denoised = resolve_clip(sampler, clip_denoised)
         class_label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, guidance_scale)
