@@ -312,19 +312,24 @@ class DDPM(nn.Module):
         """
         device = torch.device(device) if device is not None else self.betas.device
         labels = guidance.check_labels(labels, n, self.num_classes, device)
-        if labels is None and guidance_scale:
-            raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
         options = sampling_options.SampleOptions(sampler, steps, spacing, eta, clip_denoised, guidance_scale)
         yield from self.run_sampler(options.resolve(self), n, device, generator, progress, x_T, labels)
 
-    def run_sampler(self, options, n, device, generator=None, progress=False, x_T=None, labels=None):
-        """sample_progressive for resolved SampleOptions: (t, x_t, x_0_pred) after every step, then (-1, x_0, ...)."""
+    def run_sampler(self, options, n, device, generator=None, progress=False, x_T=None, labels=None, timesteps=None):
+        """sample_progressive for resolved SampleOptions: (t, x_t, x_0_pred) after every step, then (-1, x_0, ...).
+
+        timesteps: the code steps to visit (sampling.options.timesteps_of; default all of the options'); a walk
+        that starts part-way (timesteps_of(..., start=t)) takes x_T = x_t at its first step.
+        """
+        if labels is None and options.guidance_scale:
+            raise ValueError(f'guidance_scale={options.guidance_scale:g} needs class labels to guide towards')
         x = x_T.to(device) if x_T is not None else draw_noise((n, *self.image_shape), generator, device)
         cond = None if labels is None else {'labels': labels, 'guidance_scale': options.guidance_scale}
-        chain = sampling_options.run_sampler(self, options, x, cond, generator)
+        timesteps = sampling_options.timesteps_of(self, options) if timesteps is None else timesteps
+        chain = sampling_options.run_sampler(self, options, x, cond, generator, timesteps)
         if progress:
             from tqdm.auto import tqdm
-            chain = tqdm(chain, total=options.steps, desc=f'sampling ({options.sampler}, {options.steps} steps)',
+            chain = tqdm(chain, total=len(timesteps), desc=f'sampling ({options.sampler}, {len(timesteps)} steps)',
                          leave=False)
         x_0_pred = None
         for step, x, x_0_pred in chain:

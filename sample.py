@@ -7,6 +7,8 @@
     python sample.py --checkpoint ckpt.pth --num_samples 8 --trajectory chain.png
     python sample.py --checkpoint cond.pth --class_label cat --guidance_scale 1   # a class-conditional model
     python sample.py --checkpoint cond.pth --classes all --num_samples 100       # grid: one row per class
+    python sample.py --checkpoint ckpt.pth --inpaint photo.png --mask mask.png    # RePaint: fill the black of the mask
+    python sample.py --checkpoint ckpt.pth --init_image sketch.png --strength 0.5  # SDEdit: image-to-image
 
 The model is rebuilt from the config stored in the checkpoint, with its EMA
 weights when it has them (--no-ema for the raw weights). A class-conditional
@@ -30,18 +32,20 @@ different options refuses to mix its images with the old ones.
 
 import argparse
 import importlib
-import math
 import os
 import sys
 import warnings
 
-import numpy as np
 import torch
 
+import data.process_cifar as cifar   # a module name: to_uint8, which moved from here, still warns here
 import sampling.generate as generation   # a module name: the names that moved there still warn here
+from editing.images import load_image, load_mask
+from editing.inpaint import RePaint, inpaint
+from editing.sdedit import sdedit
 from runtime import HelpFormatter, add_runtime_options, resolve_device, run_cli
 from sampling.guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
-from sampling.options import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS
+from sampling.options import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip
 from weights.checkpoint import resolve_checkpoint
 
 GRID_MAX_IMAGES = 256
@@ -50,16 +54,6 @@ TRAJECTORY_MAX_IMAGES = 8
 
 # ----- pictures -------------------------------------------------------------------------------
 
-def save_grid(images, path, nrow=None):
-    """uint8 [N, H, W, C] -> one PNG grid (torchvision.utils.save_image), sqrt(N) images a row by default."""
-    from torchvision.utils import save_image
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    nrow = nrow or max(1, math.ceil(math.sqrt(x.shape[0])))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(x, path, nrow=nrow)
-    return path
-
-
 def class_rows(images, labels, class_label):
     """(images, nrow) for the grid: with --classes all one row per class (class_grid_order), else the first
     GRID_MAX_IMAGES images in a square."""
@@ -67,11 +61,6 @@ def class_rows(images, labels, class_label):
         return images[:GRID_MAX_IMAGES], None
     order, nrow = class_grid_order(labels, int(labels.max()) + 1 if len(labels) else 1)
     return images[order.numpy()][:GRID_MAX_IMAGES], nrow
-
-
-def save_trajectory(frames, path):
-    n, cols = frames.shape[:2]
-    return save_grid(frames.reshape(n * cols, *frames.shape[2:]), path, nrow=cols)
 
 
 # ----- command line ---------------------------------------------------------------------------
@@ -125,8 +114,62 @@ def build_parser():
     p.add_argument('--trajectory', default=None,
                    help=f'write a picture of the denoising chain: the first min(num_samples, '
                         f'{TRAJECTORY_MAX_IMAGES}) images in rows, x_t from t=T to 0 in columns')
+    edit = p.add_argument_group('editing a picture (docs/editing.md); --num_samples results, in a grid after the input')
+    which_edit = edit.add_mutually_exclusive_group()
+    which_edit.add_argument('--inpaint', metavar='IMAGE', default=None,
+                            help='fill in IMAGE where --mask is black (RePaint, Lugmayr et al. 2022; ddpm sampler; '
+                                 '--steps: its chain, default min(250, T))')
+    which_edit.add_argument('--init_image', metavar='IMAGE', default=None,
+                            help='image-to-image from IMAGE (SDEdit, Meng et al. 2021) at --strength')
+    edit.add_argument('--mask', default=None, help='with --inpaint: a PNG of the image\'s size, white = keep')
+    edit.add_argument('--jump_length', type=int, default=RePaint.jump_length, help='RePaint\'s j')
+    edit.add_argument('--resamplings', type=int, default=RePaint.resamplings, help='RePaint\'s r (1: no resampling)')
+    edit.add_argument('--strength', type=float, default=None,
+                      help='with --init_image: t/T in (0, 1] where the reverse process starts (default 0.5); '
+                           '1 keeps almost nothing of the image')
     add_runtime_options(p)
     return p
+
+
+def check_edit_args(args):
+    """One line for each editing option that does not fit the others."""
+    if args.mask and not args.inpaint:
+        raise ValueError('--mask goes with --inpaint IMAGE')
+    if args.inpaint and not args.mask:
+        raise ValueError('--inpaint needs --mask MASK (a PNG of the image\'s size, white = keep, black = fill in)')
+    if args.strength is not None and not args.init_image:
+        raise ValueError('--strength goes with --init_image IMAGE')
+    if args.inpaint and args.sampler != 'ddpm':
+        raise ValueError(f'--inpaint walks the ancestral chain (RePaint); drop --sampler {args.sampler}')
+    if (args.inpaint or args.init_image) and (args.npz or args.out_dir or args.trajectory):
+        raise ValueError('--inpaint and --init_image write one grid (--out); drop --npz, --out_dir, --trajectory')
+
+
+def run_edit(args, device, progress):
+    """--inpaint or --init_image: the input, then --num_samples results, as one grid PNG at --out."""
+    model, info = generation.load_model(args.checkpoint, ema=args.ema, device=device,
+                                        image_size=args.image_size)
+    size = model.image_shape[-1]
+    label = resolve_class_label(model.num_classes, info.get('class_names'), args.classes or args.class_label,
+                                args.guidance_scale)
+    labels = run_labels(label, args.num_samples, model.num_classes)
+    image = load_image(args.inpaint or args.init_image, size).to(device)
+    generator = torch.Generator().manual_seed(generation.batch_seed(args.seed, 0))
+    batch = image.expand(args.num_samples, -1, -1, -1)
+    if args.inpaint:
+        mask = load_mask(args.mask, args.inpaint, size).to(device)
+        schedule = RePaint(args.steps, args.jump_length, args.resamplings)
+        out = inpaint(model, batch, mask, generator, labels, schedule, resolve_clip('ddpm', args.clip_denoised),
+                      args.guidance_scale, progress)
+        image = image * mask   # the input as the model sees it: the hole grey (0 in [-1, 1])
+    else:
+        strength = 0.5 if args.strength is None else args.strength
+        out = sdedit(model, batch, strength, generator, labels, sampler=args.sampler, steps=args.steps,
+                     eta=args.eta, spacing=args.spacing, clip_denoised=args.clip_denoised,
+                     guidance_scale=args.guidance_scale, progress=progress)
+    images = cifar.to_uint8(torch.cat([image, out])).permute(0, 2, 3, 1).cpu().numpy()
+    path = generation.save_grid(images, args.out or 'samples.png', nrow=len(images))
+    return [f'{path} (the input, then {args.num_samples} results)']
 
 
 def main(argv=None):
@@ -141,7 +184,12 @@ def run(args):
     args.checkpoint = resolve_checkpoint(args.checkpoint)   # a release name (ema_cifar10, ...) -> its file
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    check_edit_args(args)
     progress = not args.quiet
+    if args.inpaint or args.init_image:
+        for line in run_edit(args, str(resolve_device(args.device)), progress):
+            print(f'wrote {line}')
+        return 0
     out = args.out
     if out is None and not (args.npz or args.out_dir or args.trajectory):
         out = 'samples.png'
@@ -161,7 +209,7 @@ def run(args):
         images, labels = result
         if out:
             grid_images, nrow = class_rows(images, labels, class_label)
-            written.append(save_grid(grid_images, out, nrow))
+            written.append(generation.save_grid(grid_images, out, nrow))
         if args.npz:
             written.append(f'{args.npz} (uint8 {list(images.shape)})')
         if args.out_dir:
@@ -175,7 +223,8 @@ def run(args):
                                            progress=progress, amp=args.amp, spacing=args.spacing,
                                            labels=run_labels(label, n, model.num_classes),
                                            guidance_scale=args.guidance_scale, clip_denoised=args.clip_denoised)
-        written.append(f'{save_trajectory(frames, args.trajectory)} (rows: {n} images; columns: x_t at t = '
+        written.append(f'{generation.save_trajectory(frames, args.trajectory)} (rows: {n} images; '
+                       f'columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
     for line in written:
         print(f'wrote {line}')
@@ -185,7 +234,8 @@ def run(args):
 # Names that lived here before sampling/generate.py existed; old imports keep working, with a warning.
 MOVED = {name: 'sampling.generate' for name in ('batch_seed', 'batch_counts', 'resolve_steps', 'sample_batch',
                                                 'generate', 'open_parts', 'save_pngs', 'assemble', 'sample_checkpoint',
-                                                'trajectory', 'load_model', 'TRAJECTORY_COLUMNS')}
+                                                'trajectory', 'load_model', 'TRAJECTORY_COLUMNS', 'save_grid',
+                                                'save_trajectory')}
 MOVED['to_uint8'] = 'data.process_cifar'
 
 

@@ -2,9 +2,11 @@
 
 The library under sample.py and evaluate.py (and FID during training): `load_model` rebuilds a
 checkpoint's model, `generate` draws N images, `sample_checkpoint` does both with a resumable
-store, `trajectory` keeps the intermediate x_t of a few images.
+store, `trajectory` keeps the intermediate x_t of a few images; `save_grid` / `save_trajectory`
+write them as one PNG.
 """
 
+import math
 import os
 import sys
 import time
@@ -256,12 +258,14 @@ def sample_checkpoint(checkpoint, num_samples=64, batch_size=256, sampler='ddpm'
 
 @torch.inference_mode()
 def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=None, columns=TRAJECTORY_COLUMNS,
-               progress=True, amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None):
+               progress=True, amp=DEFAULT_AMP, spacing=None, labels=None, guidance_scale=0.0, clip_denoised=None,
+               predicted_x0=False):
     """The denoising chain of n images: (ts, frames) with frames uint8 [n, columns, H, W, C].
 
     Columns show x_t at `columns` evenly spaced t from T (pure noise) down to 0
     (the sample, in the paper's 1-based t); the noise comes from batch 0's
     generators (image_generators), so the last column equals a run's first n images.
+    predicted_x0: show the x_0 predicted from x_t instead (the paper's Fig. 6); column 0 is the sample.
     """
     options = SampleOptions(sampler, steps, spacing, eta, clip_denoised, guidance_scale).resolve(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -278,9 +282,30 @@ def trajectory(model, n, sampler='ddpm', steps=None, eta=0.0, seed=0, device=Non
     labels = check_labels(labels, n, model.num_classes, device)
     chain = model.run_sampler(options, n, device, generator, progress, x_T=x_T, labels=labels)
     with autocast(device, amp_dtype(amp, device)):
-        for i, (step, x, _) in enumerate(chain):
-            t = visited[i + 1] if step >= 0 else 0
+        for i, (step, x, x_0_pred) in enumerate(chain):
+            if predicted_x0 and step >= 0:   # predicted from the state before this step
+                x, t = x_0_pred, visited[i]
+            else:
+                t = visited[i + 1] if step >= 0 else 0
             if t in wanted:
                 frames[t] = x
     stacked = torch.stack([to_uint8(frames[t].clamp(-1, 1)) for t in wanted], dim=1)   # [n, cols, C, H, W]
     return wanted, stacked.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+# ----- pictures -------------------------------------------------------------------------------
+
+def save_grid(images, path, nrow=None):
+    """uint8 [N, H, W, C] -> one PNG grid (torchvision.utils.save_image), sqrt(N) images a row by default."""
+    from torchvision.utils import save_image
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    nrow = nrow or max(1, math.ceil(math.sqrt(x.shape[0])))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(x, path, nrow=nrow)
+    return path
+
+
+def save_trajectory(frames, path):
+    """trajectory's frames as one PNG grid: a row per image, a column per t."""
+    n, cols = frames.shape[:2]
+    return save_grid(frames.reshape(n * cols, *frames.shape[2:]), path, nrow=cols)

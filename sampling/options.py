@@ -95,14 +95,21 @@ class SampleOptions:
         return dataclasses.asdict(self)
 
 
-def timesteps_of(model, options):
-    """The steps resolved `options` visit, T-1 down to 0, as a list."""
-    return timestep_sequence(model, options.steps, options.spacing or 'uniform').tolist()
+def timesteps_of(model, options, start=None):
+    """The steps resolved `options` visit, T-1 down to 0, as a list. start: a code step where the walk begins
+    instead (x_t already holds that step's state: SDEdit, shared latents), then the options' steps below it."""
+    seq = timestep_sequence(model, options.steps, options.spacing or 'uniform').tolist()
+    if start is None:
+        return seq
+    if isinstance(start, bool) or int(start) != start or not 0 <= start < model.timesteps:
+        raise ValueError(f'start must be a code step in 0..{model.timesteps - 1}, got {start}')
+    return [int(start)] + [step for step in seq if step < start]
 
 
-def run_sampler(model, options, x_T, cond=None, generator=None):
-    """Run the resolved `options`' sampler from x_T; yields (t, x_t, x_0_pred) after every step."""
+def run_sampler(model, options, x_T, cond=None, generator=None, timesteps=None):
+    """Run the resolved `options`' sampler from x_T; yields (t, x_t, x_0_pred) after every step.
+    timesteps: the steps to visit (default: timesteps_of(model, options)); x_T is the state at the first."""
     spec = registered(options.sampler)
     extra = {'eta': options.eta} if spec.eta else {}
-    return spec.function(model, x_T, timesteps_of(model, options), cond, generator,
-                         clip_denoised=options.clip_denoised, **extra)
+    timesteps = timesteps_of(model, options) if timesteps is None else timesteps
+    return spec.function(model, x_T, timesteps, cond, generator, clip_denoised=options.clip_denoised, **extra)

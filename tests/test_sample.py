@@ -301,3 +301,79 @@ def test_dpm_solver_runs_record_their_spacing_and_refuse_to_mix(ckpt, tmp_path, 
     for bad in (['--steps', '0'], ['--steps', str(TIMESTEPS + 1)], ['--eta', '1']):
         code, out = run_main([*args[:-2], *bad, '--quiet'], capsys)
         assert code == 2 and out.err.startswith('error: ') and len(out.err.strip().splitlines()) == 1, bad
+
+
+# ----- editing a picture: --inpaint / --init_image (editing/) ---------------------------------------------------
+
+def write_png(path, pixels):
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def picture(tmp_path_factory):
+    """An 8x8 RGB picture and a mask keeping its left half."""
+    folder = tmp_path_factory.mktemp('edit')
+    pixels = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, :SIZE // 2] = 255
+    return pixels, write_png(folder / 'image.png', pixels), write_png(folder / 'mask.png', mask)
+
+
+def grid_tiles(path, n):
+    """The n tiles of a one-row save_grid PNG (2-pixel padding), uint8 [n, SIZE, SIZE, 3]."""
+    grid = np.asarray(Image.open(path).convert('RGB'))
+    return np.stack([grid[2:2 + SIZE, 2 + i * (SIZE + 2):2 + i * (SIZE + 2) + SIZE] for i in range(n)])
+
+
+def test_inpaint_keeps_the_white_of_the_mask_and_repeats_with_the_seed(ckpt, picture, tmp_path):
+    pixels, image, mask = picture
+    args = ['--checkpoint', ckpt, '--inpaint', image, '--mask', mask, '--num_samples', '3', '--jump_length', '2',
+            '--resamplings', '2']
+    for name, seed in (('a.png', '0'), ('b.png', '0'), ('c.png', '1')):
+        assert run_main([*args, '--seed', seed, '--out', str(tmp_path / name)])[0] == 0
+    tiles = grid_tiles(tmp_path / 'a.png', 4)
+    assert (tiles[1:, :, :SIZE // 2] == pixels[:, :SIZE // 2]).all()   # known pixels exactly
+    assert (tiles[0, :, SIZE // 2:] == 128).all()   # the input shows the hole, grey
+    assert not (tiles[1:, :, SIZE // 2:] == pixels[:, SIZE // 2:]).all()
+    assert (tmp_path / 'a.png').read_bytes() == (tmp_path / 'b.png').read_bytes()
+    assert (tmp_path / 'a.png').read_bytes() != (tmp_path / 'c.png').read_bytes()
+
+
+def test_init_image_is_sdedit_from_the_seed_and_other_sizes_are_resized(ckpt, tmp_path, capsys):
+    from editing.sdedit import sdedit
+    from data.process_cifar import to_model_range, to_uint8
+    big = np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    image = write_png(tmp_path / 'big.png', big)
+    code, out = run_main(['--checkpoint', ckpt, '--init_image', image, '--strength', '0.6', '--num_samples', '2',
+                          '--seed', '3', '--out', str(tmp_path / 'sd.png')], capsys)
+    assert code == 0 and 'resized' in out.err and '16x12' in out.err and len(out.err.strip().splitlines()) == 1
+    model = DDPM.from_checkpoint(ckpt).eval()
+    from data.image_folder import decode_image
+    x = to_model_range(torch.from_numpy(decode_image(image, SIZE).copy()).permute(2, 0, 1)).unsqueeze(0)
+    ref = sdedit(model, x.expand(2, -1, -1, -1), 0.6, torch.Generator().manual_seed(generation.batch_seed(3, 0)))
+    assert (grid_tiles(tmp_path / 'sd.png', 3)[1:] == to_uint8(ref).permute(0, 2, 3, 1).numpy()).all()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--inpaint', 'IMAGE', '--mask', 'SMALLMASK'], 'draw the mask at the image'),
+    (['--inpaint', 'TEXT', '--mask', 'MASK'], 'is not an image file'),
+    (['--init_image', 'TEXT'], 'is not an image file'),
+    (['--init_image', 'IMAGE', '--strength', '0'], r'strength must be in \(0, 1\]'),
+    (['--init_image', 'IMAGE', '--strength', '1.5'], r'strength must be in \(0, 1\]'),
+    (['--inpaint', 'IMAGE'], 'needs --mask'),
+    (['--strength', '0.5'], 'goes with --init_image'),
+    (['--inpaint', 'IMAGE', '--mask', 'MASK', '--sampler', 'ddim'], 'drop --sampler ddim'),
+])
+def test_bad_editing_inputs_are_one_line_and_write_nothing(ckpt, picture, tmp_path, capsys, extra, message):
+    import re
+    _, image, mask = picture
+    text = tmp_path / 'notes.png'
+    text.write_text('not an image')
+    small = write_png(tmp_path / 'small.png', np.zeros((4, 4), dtype=np.uint8))
+    names = {'IMAGE': image, 'MASK': mask, 'SMALLMASK': small, 'TEXT': str(text)}
+    out = tmp_path / 'out.png'
+    code, captured = run_main(['--checkpoint', ckpt, '--out', str(out), *[names.get(a, a) for a in extra]], capsys)
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error:') and re.search(message, lines[0])
+    assert not out.exists()
