@@ -42,7 +42,7 @@ import torch
 
 import metrics.bpd as bpd   # a module name: bits_per_dim, which moved there, still warns here
 from metrics.fid import (INCEPTION, INCEPTION_FILE, EvalError, check_conversion, image_metrics, load_feature_extractor,
-                         load_images, load_stats, reference_statistics)
+                         load_images, load_stats, reference_resolution, reference_statistics)
 from metrics.inception import is_torchscript, torchscript_to_fidelity
 from runtime import HelpFormatter, add_runtime_options, atomic_write, read_json, resolve_device, run_cli, write_json
 from sampling.generate import load_model, sample_checkpoint
@@ -237,6 +237,9 @@ def score_images(args, device, helper):
     extractor, fid_layer, isc_layer = (None, None, None) if helper else load_feature_extractor(
         args.feature_extractor, args.inception_weights, device, cache_dir=args.cache_dir,
         trust_torchscript=args.trust_torchscript)
+    # Before the reference statistics and the sampling, which take hours at full size.
+    check_resolution(images.shape[1:3] if images is not None else
+                     load_model(args.checkpoint, ema=args.ema, device='cpu')[0].image_shape[1:], args)
     if helper:
         mu = sigma = ref_count = ref_features = ref_name = None
     elif args.ref_stats:
@@ -272,6 +275,16 @@ def score_images(args, device, helper):
     if isc_layer is None and args.feature_extractor == INCEPTION:
         line += '  (no IS: these Inception weights have no classifier)'
     return f'{line}  ({results["num_samples"]} samples vs {ref_name}, {extractor.get_name()})'
+
+
+def check_resolution(size, args):
+    """Samples and reference images must have one resolution: Inception resizes both to 299 px, so a
+    mismatch still gives a number, but one that compares blur, not models."""
+    ref_size = reference_resolution(args.ref, args.ref_stats)
+    if ref_size is not None and tuple(size) != tuple(ref_size):
+        raise EvalError(f'the samples are {size[0]}x{size[1]} but the reference images ({args.ref_stats or args.ref}) '
+                        f'are {ref_size[0]}x{ref_size[1]}; FID needs both at one resolution: pass a reference of '
+                        f'{size[0]}x{size[1]} images')
 
 
 def sample_for_fid(args, device, progress):

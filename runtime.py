@@ -292,6 +292,12 @@ def closest(name, options):
     return f" (did you mean '{match[0]}'?)" if match else ''
 
 
+def cli_text(error):
+    """An error's message for a command-line user: its `cli_message` (the fix spelled in flags) when it
+    carries one, else its message (which names keywords, as Python callers write them)."""
+    return getattr(error, 'cli_message', None) or str(error)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse's own errors (a bad value, a missing argument) as one `error:` line, like all of ours."""
 
@@ -329,5 +335,5 @@ def run_cli(parser, run, argv):
     except (FileNotFoundError, ValueError) as e:
         if args.debug:
             raise
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {cli_text(e)}', file=sys.stderr)
         return 2

@@ -45,7 +45,8 @@ from editing.inpaint import RePaint, inpaint
 from editing.sdedit import sdedit
 from runtime import HelpFormatter, add_runtime_options, resolve_device, run_cli
 from sampling.guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
-from sampling.options import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip
+from sampling.options import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, few_steps_warning,
+                              resolve_clip)
 from weights.checkpoint import resolve_checkpoint
 
 GRID_MAX_IMAGES = 256
@@ -226,6 +227,9 @@ def run(args):
         written.append(f'{generation.save_trajectory(frames, args.trajectory)} (rows: {n} images; '
                        f'columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
+    warning = few_steps_warning(args.sampler, args.steps)
+    if warning:   # said after the run (a short one, at these steps), so that a failed run shows only its error
+        print(f'warning: {warning}', file=sys.stderr)
     for line in written:
         print(f'wrote {line}')
     return 0

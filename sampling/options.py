@@ -28,12 +28,14 @@ class Sampler:
     spacings: tuple = ()    # the spacings it accepts
     eta: bool = False       # does it take DDIM's eta?
     deterministic: bool = False   # an ODE solver: eta > 0 is refused
+    least_steps: int = None   # below this many steps its images fall apart (README, "Recommendation"): a warning
 
 
 SAMPLERS = {
     'ddpm': Sampler(sample_ancestral),
     'ddim': Sampler(sample_ddim, DEFAULT_DDIM_STEPS, 'uniform', True, SPACINGS, eta=True),
-    'dpm-solver': Sampler(sample_dpm_solver, DEFAULT_DPM_SOLVER_STEPS, 'logsnr', False, SPACINGS, deterministic=True),
+    'dpm-solver': Sampler(sample_dpm_solver, DEFAULT_DPM_SOLVER_STEPS, 'logsnr', False, SPACINGS, deterministic=True,
+                          least_steps=10),
 }
 
 
@@ -42,6 +44,15 @@ def registered(sampler):
     if sampler not in SAMPLERS:
         raise ValueError(f'sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}')
     return SAMPLERS[sampler]
+
+
+def few_steps_warning(sampler, steps):
+    """A one-line warning when `steps` is below the fewest the README recommends for `sampler`, else None."""
+    least = registered(sampler).least_steps
+    if steps is None or least is None or not 1 <= steps < least:   # (steps < 1 is an error elsewhere)
+        return None
+    return (f'{sampler} with {steps} step{"s" if steps > 1 else ""} gives poor images; the README recommends '
+            f'at least {least} (20 for final samples)')
 
 
 def resolve_spacing(sampler, spacing, eta=0.0):

@@ -207,6 +207,7 @@ def test_sample_py_refuses_what_a_checkpoint_cannot_take(cond_run, tmp_path, cap
     save_checkpoint({'model_state_dict': plain.state_dict(), 'config': dict(
         arch='tiny', channels=[16, 32], attn_resolutions=[], image_size=8, timesteps=10)}, uncond)
     cases = [(uncond, ['--class_label', '3'], 'unconditional'),
+             (uncond, ['--guidance_scale', '3'], 'unconditional .* --guidance_scale 3 does not apply'),   # issue 22
              (cond_run[1], ['--class_label', 'bird'], "unknown class 'bird'"),
              (cond_run[1], ['--class_label', '2'], r'0\.\.1'),
              (cond_run[1], ['--guidance_scale', '2'], 'needs a class')]

@@ -290,7 +290,7 @@ def test_dpm_solver_runs_record_their_spacing_and_refuse_to_mix(ckpt, tmp_path, 
     npz = tmp_path / 'dpm.npz'
     args = ['--checkpoint', ckpt, '--num_samples', '4', '--batch_size', '2', '--sampler', 'dpm-solver',
             '--steps', '3', '--npz', str(npz)]
-    assert run_main(args)[0] == 0
+    assert run_main(args, capsys)[0] == 0   # (capsys: its few-steps warning is read here, not by the checks below)
     meta = json.loads((tmp_path / 'dpm.npz.json').read_text())
     assert (meta['sampler'], meta['steps'], meta['spacing']) == ('dpm-solver', 3, 'logsnr')
     other = {**meta, 'spacing': 'quadratic'}
@@ -377,3 +377,14 @@ def test_bad_editing_inputs_are_one_line_and_write_nothing(ckpt, picture, tmp_pa
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error:') and re.search(message, lines[0])
     assert not out.exists()
+
+
+def test_dpm_solver_below_ten_steps_warns_in_one_line(ckpt, tmp_path, capsys):
+    """Issue 22, item 6: sample.py --sampler dpm-solver --steps 1 says that the README recommends 10 or more."""
+    base = ['--checkpoint', ckpt, '--num_samples', '2', '--sampler', 'dpm-solver', '--out', str(tmp_path / 'g.png')]
+    code, out = run_main([*base, '--steps', '1'], capsys)
+    assert code == 0 and out.err.strip() == ('warning: dpm-solver with 1 step gives poor images; the README '
+                                             'recommends at least 10 (20 for final samples)'), out.err
+    code, out = run_main([*base, '--steps', '10'], capsys)   # TIMESTEPS = 10: the fewest recommended steps
+    assert code == 0 and 'warning' not in out.err, out.err
+

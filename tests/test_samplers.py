@@ -11,6 +11,7 @@ import torch
 
 from diffusion import DDPM
 from sampling.dpm_solver import dpm_solver_coefficients
+from sampling.options import few_steps_warning
 from sampling.timesteps import ddim_timesteps, distinct_steps, half_log_snr, spaced_timesteps
 from test_diffusion import MU, S, T, IdealGaussianEps, Recorder, np_schedule
 
@@ -255,3 +256,13 @@ def test_bad_sampler_options_are_one_line_errors(kwargs):
     with pytest.raises(ValueError) as e:
         model.sample(1, progress=False, **kwargs)
     assert '\n' not in str(e.value)
+
+
+def test_few_steps_warning_below_the_readmes_smallest_recommendation():
+    """Issue 22, item 6: dpm-solver below 10 steps gets a one-line warning; other samplers, 10 steps and
+    more, no steps given, and out-of-range steps (an error elsewhere) get none."""
+    message = few_steps_warning('dpm-solver', 1)
+    assert message == 'dpm-solver with 1 step gives poor images; the README recommends at least 10 (20 for final samples)'
+    assert 'with 9 steps' in few_steps_warning('dpm-solver', 9)
+    for sampler, steps in (('dpm-solver', 10), ('dpm-solver', None), ('dpm-solver', 0), ('ddim', 1), ('ddpm', 2)):
+        assert few_steps_warning(sampler, steps) is None, (sampler, steps)
