@@ -36,6 +36,7 @@ from metrics.likelihood import discretized_gaussian_log_likelihood, normal_kl  #
 from model.presets import (DDPM_OPTIONS, LEGACY_DEFAULTS, MODEL_OPTIONS, UNET_OPTIONS,  # noqa: F401 (public here)
                            build_unet, model_kwargs)  # noqa: F401
 from sampling.noise import draw_noise
+from sampling.options import DEFAULTS   # the sampler options' defaults, declared once
 
 
 # ----- the noise schedule ------------------------------------------------------------------------
@@ -303,17 +304,15 @@ class DDPM(nn.Module):
         return step_sequences.ddim_timesteps(self.timesteps, steps)
 
     @torch.inference_mode()
-    def sample_progressive(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None,
-                           progress=True, clip_denoised=None, x_T=None, spacing=None, labels=None,
-                           guidance_scale=0.0):
+    def sample_progressive(self, n, device=None, sampler=DEFAULTS.sampler, steps=DEFAULTS.steps, eta=DEFAULTS.eta,
+                           generator=None, progress=True, clip_denoised=DEFAULTS.clip_denoised, x_T=None,
+                           spacing=DEFAULTS.spacing, labels=None, guidance_scale=DEFAULTS.guidance_scale):
         """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
         See `sample` for the arguments; the samplers themselves are in sampling/.
         """
-        device = torch.device(device) if device is not None else self.betas.device
-        labels = guidance.check_labels(labels, n, self.num_classes, device)
         options = sampling_options.SampleOptions(sampler, steps, spacing, eta, clip_denoised, guidance_scale)
-        yield from self.run_sampler(options.resolve(self), n, device, generator, progress, x_T, labels)
+        yield from self.sample_progressive_with(options, n, device, generator, progress, x_T, labels)
 
     def run_sampler(self, options, n, device, generator=None, progress=False, x_T=None, labels=None, timesteps=None):
         """sample_progressive for resolved SampleOptions: (t, x_t, x_0_pred) after every step, then (-1, x_0, ...).
@@ -336,8 +335,9 @@ class DDPM(nn.Module):
             yield step, x, x_0_pred
         yield -1, x.clamp(-1.0, 1.0), x_0_pred
 
-    def sample(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-               clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0):
+    def sample(self, n, device=None, sampler=DEFAULTS.sampler, steps=DEFAULTS.steps, eta=DEFAULTS.eta, generator=None,
+               progress=True, clip_denoised=DEFAULTS.clip_denoised, x_T=None, spacing=DEFAULTS.spacing, labels=None,
+               guidance_scale=DEFAULTS.guidance_scale):
         """Draw n samples, shaped [n, C, H, W] with values in [-1, 1].
 
         Args:
@@ -364,17 +364,28 @@ class DDPM(nn.Module):
             guidance_scale: w of classifier-free guidance, eps~ = (1 + w) eps(c) - w eps(null);
                 0 is the conditional model alone (see `network_outputs`).
         """
+        options = sampling_options.SampleOptions(sampler, steps, spacing, eta, clip_denoised, guidance_scale)
+        return self.sample_with(options, n, device, generator, progress, x_T, labels)
+
+    def sample_with(self, options, n, device=None, generator=None, progress=True, x_T=None, labels=None):
+        """`sample` with its sampler options as one SampleOptions (resolved here)."""
         device = torch.device(device) if device is not None else self.betas.device
         self.to(device)
         was_training = self.training
         self.eval()
         try:
-            for _, x, _ in self.sample_progressive(n, device, sampler, steps, eta, generator, progress,
-                                                   clip_denoised, x_T, spacing, labels, guidance_scale):
+            for _, x, _ in self.sample_progressive_with(options, n, device, generator, progress, x_T, labels):
                 pass
         finally:
             self.train(was_training)
         return x
+
+    @torch.inference_mode()
+    def sample_progressive_with(self, options, n, device=None, generator=None, progress=True, x_T=None, labels=None):
+        """`sample_progressive` with its sampler options as one SampleOptions (resolved here)."""
+        device = torch.device(device) if device is not None else self.betas.device
+        labels = guidance.check_labels(labels, n, self.num_classes, device)
+        yield from self.run_sampler(options.resolve(self), n, device, generator, progress, x_T, labels)
 
     # ----- the variational bound, in bits/dim -----------------------------------------------
 

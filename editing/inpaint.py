@@ -20,6 +20,7 @@ import torch
 from sampling.guidance import check_labels
 from sampling.ancestral import respaced
 from sampling.noise import draw_noise
+from sampling.options import DEFAULTS
 from sampling.timesteps import ddim_timesteps
 
 
@@ -74,7 +75,7 @@ def forward_step(chain, x, level, generator):
 
 @torch.inference_mode()
 def inpaint(model, x_0, mask, generator=None, labels=None, schedule=RePaint(), clip_denoised=True,
-            guidance_scale=0.0, progress=False):
+            guidance_scale=DEFAULTS.guidance_scale, progress=False):
     """Fill the pixels of x_0 [B, C, H, W] (in [-1, 1]) where `mask` is 0; keep those where it is 1.
 
     mask: [B or 1, 1 or C, H, W] of 0s and 1s. labels: the class of every image of a class-conditional

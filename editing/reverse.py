@@ -34,14 +34,13 @@ def encode(model, x_0, t, generator=None):
 
 
 @torch.inference_mode()
-def denoise_from(model, x_t, t, generator=None, labels=None, progress=False, **options):
+def denoise_from(model, x_t, t, generator=None, labels=None, options=SampleOptions(), progress=False):
     """x_0 from x_t at the paper's t by the reverse process, in [-1, 1].
 
-    options: SampleOptions' sampler, steps, eta, spacing, clip_denoised, guidance_scale.
-    `steps` counts the whole chain's steps, of which those below t run.
+    options: the sampler's (SampleOptions); its `steps` count the whole chain's steps, of which those below t run.
     labels: the class of every image of a class-conditional model (None: unconditional).
     """
-    resolved = SampleOptions(**options).resolve(model)
+    resolved = options.resolve(model)
     labels = check_labels(labels, x_t.shape[0], model.num_classes, x_t.device)
     walk = timesteps_of(model, resolved, start=code_step(model, t))
     for _, x, _ in model.run_sampler(resolved, x_t.shape[0], x_t.device, generator, progress, x_T=x_t,

@@ -35,7 +35,7 @@ def respaced(model, seq):
                        learn_sigma=model.learn_sigma, loss=model.loss_type, betas=betas).to(model.betas.device)
 
 
-def sample_ancestral(model, x_T, timesteps, cond=None, generator=None, clip_denoised=True):
+def sample_ancestral(model, x_T, timesteps, cond, generator, clip_denoised):
     """Algorithm 2: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) (z = 0 at t = 1).
 
     `timesteps` (T-1 down to 0) are every step, or a contiguous tail of them, on the model's own chain;

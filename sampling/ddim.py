@@ -5,7 +5,7 @@ import torch
 from sampling.noise import draw_noise
 
 
-def sample_ddim(model, x_T, timesteps, cond=None, generator=None, clip_denoised=True, eta=0.0):
+def sample_ddim(model, x_T, timesteps, cond, generator, clip_denoised, eta):
     """Eq. (12): x_prev = sqrt(a-bar_prev) x_0_pred + sqrt(1 - a-bar_prev - sigma^2) eps + sigma z, with
     sigma = eta sqrt((1 - a-bar_prev) / (1 - a-bar_t)) sqrt(1 - a-bar_t / a-bar_prev) (Eq. 16).
 

@@ -30,7 +30,7 @@ def dpm_solver_coefficients(model, seq):
     return coefs
 
 
-def sample_dpm_solver(model, x_T, timesteps, cond=None, generator=None, clip_denoised=False):
+def sample_dpm_solver(model, x_T, timesteps, cond, generator, clip_denoised):
     """Algorithm 2: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D from s = timesteps[i] to
     t = timesteps[i + 1], with D = (1 + 1/(2r)) x_theta(x_s, s) - 1/(2r) x_theta(x_{s'}, s') from the previous
     step s' (dpm_solver_coefficients). x_theta is the data prediction x_0_pred, clipped to [-1, 1] only if

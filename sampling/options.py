@@ -1,7 +1,7 @@
 """The samplers by name, each with its defaults, and `SampleOptions`: the sampling options as one object.
 
 Every sampler is one function with the same signature, (model, x_T, timesteps, cond, generator,
-clip_denoised[, eta]), that yields (t, x_t, x_0_pred) after every step; it uses the DDPM only through
+clip_denoised[, eta]), no defaults (they are the registry's and SampleOptions'), that yields (t, x_t, x_0_pred) after every step; it uses the DDPM only through
 its methods (predict_eps, predict_x0_from_eps, p_mean_variance) and schedule buffers. `cond` holds the
 class labels and guidance scale of a class-conditional model (None otherwise). This registry is the
 one place where sampler names are compared and where each option has its default.
@@ -96,7 +96,8 @@ class SampleOptions:
     guidance_scale: float = 0.0
 
     def resolve(self, model):
-        """These options with every None replaced by its default for `model`; ValueError (one line) if invalid."""
+        """These options with every None replaced by its default for `model`; ValueError (one line) if invalid.
+        Resolved options resolve to themselves."""
         spacing = resolve_spacing(self.sampler, self.spacing, self.eta)
         return dataclasses.replace(self, steps=resolve_steps(model, self.sampler, self.steps), spacing=spacing,
                                    eta=float(self.eta), clip_denoised=resolve_clip(self.sampler, self.clip_denoised),
@@ -104,6 +105,28 @@ class SampleOptions:
 
     def asdict(self):
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_args(cls, args):
+        """The options of a command line's flags (an argparse namespace, the flags named as the fields);
+        a flag the command lacks keeps its default."""
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
+
+
+DEFAULTS = SampleOptions()   # the one declaration of each option's default: CLIs and DDPM.sample read it here
+SAMPLE_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SampleOptions))
+
+
+def is_ancestral(sampler):
+    """Does `sampler` walk the ancestral chain p_theta(x_{t-1} | x_t) (Algorithm 2), as RePaint needs?"""
+    return registered(sampler).function is sample_ancestral
+
+
+def fast_steps(sampler, steps):
+    """A training option's `steps` for `sampler`: kept for a sampler with a default step count, None (all T,
+    the paper's chain) for one that walks every step by default; sample_steps / fid_steps are for the fast ones."""
+    spec = SAMPLERS.get(sampler)   # (an unknown one: an error where the options are validated)
+    return None if spec is not None and spec.steps is None else steps
 
 
 def timesteps_of(model, options, start=None):

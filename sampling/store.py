@@ -12,7 +12,7 @@ import shutil
 
 from data.image_folder import read_npz_images, save_npz
 from runtime import read_json, write_json
-from sampling.options import resolve_clip, resolve_spacing
+from sampling.options import SAMPLE_OPTION_NAMES, resolve_clip, resolve_spacing
 
 META_FORMAT = 2   # 2: seeds per image (1: per batch, whose images depend on the batch size)
 
@@ -65,10 +65,11 @@ class PartialRun:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# The options that change the images; a partial run is continued only when all of them match.
-# Not the batch size: seeds are per image. 'format' keeps runs seeded per batch (format 1) apart.
-IDENTITY_KEYS = ('format', 'checkpoint_sha256', 'ema', 'sampler', 'steps', 'spacing', 'clip_denoised', 'eta', 'seed',
-                 'amp', 'image_shape', 'class_label', 'guidance_scale')
+# The options that change the images: the sampler's (every SampleOptions field) and the run's; a partial run is
+# continued only when all of them match. Not the batch size: seeds are per image. 'format' keeps runs seeded
+# per batch (format 1) apart.
+IDENTITY_KEYS = ('format', 'checkpoint_sha256', 'ema', *SAMPLE_OPTION_NAMES, 'seed', 'amp', 'image_shape',
+                 'class_label')
 # Keys recorded since there is a choice, with the value older runs had.
 LEGACY_META = {'class_label': None, 'guidance_scale': 0.0}
 
@@ -93,28 +94,21 @@ def meta_difference(old, new):
     return '; '.join(diffs)
 
 
-def run_meta(model, info, sampler, steps, eta, seed, batch_size, amp, spacing=None, class_label=None,
-             guidance_scale=0.0, clip_denoised=None):
-    """What the images depend on; `spacing` and `clip_denoised` as the sampler resolved them
-    (sampling.options.resolve_spacing, resolve_clip);
-    class_label: the class index of every image, 'all' (class i % num_classes for image i) or None."""
+def run_meta(model, info, options, run):
+    """What the images depend on: the resolved SampleOptions `options` (as asdict), the SampleRun `run`
+    (its class_label resolved: a class index, 'all' or None) and the checkpoint (`info` of load_model)."""
     return {
         'format': META_FORMAT,
         'checkpoint': info.get('checkpoint'),
         'checkpoint_sha256': info.get('sha256'),
         'checkpoint_step': info.get('step'),
         'ema': info.get('ema'),
-        'sampler': sampler,
-        'steps': int(steps),
-        'spacing': spacing,
-        'clip_denoised': clip_denoised,
-        'eta': float(eta),
-        'seed': int(seed),
-        'batch_size': int(batch_size),
-        'amp': amp,
+        **options.asdict(),
+        'seed': int(run.seed),
+        'batch_size': int(run.batch_size),
+        'amp': run.amp,
         'image_shape': list(model.image_shape),
-        'class_label': class_label,
-        'guidance_scale': float(guidance_scale),
+        'class_label': run.class_label,
     }
 
 

@@ -5,13 +5,15 @@ Gaussian data, with the exact noise predictor (test_diffusion.IdealGaussianEps,
 built from the test's own float64 schedule), never against themselves.
 """
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
 
 from diffusion import DDPM
 from sampling.dpm_solver import dpm_solver_coefficients
-from sampling.options import few_steps_warning
+from sampling.options import SampleOptions, few_steps_warning, timesteps_of
 from sampling.timesteps import ddim_timesteps, distinct_steps, half_log_snr, spaced_timesteps
 from test_diffusion import MU, S, T, IdealGaussianEps, Recorder, np_schedule
 
@@ -266,3 +268,43 @@ def test_few_steps_warning_below_the_readmes_smallest_recommendation():
     assert 'with 9 steps' in few_steps_warning('dpm-solver', 9)
     for sampler, steps in (('dpm-solver', 10), ('dpm-solver', None), ('dpm-solver', 0), ('ddim', 1), ('ddpm', 2)):
         assert few_steps_warning(sampler, steps) is None, (sampler, steps)
+
+
+# ----- SampleOptions: walks that start part-way, resolving, the command line ----------------------
+
+@pytest.mark.parametrize('sampler,steps,start', [('ddim', 5, 12), ('dpm-solver', 5, 12), ('ddpm', None, 7),
+                                                 ('ddpm', 5, 12)])
+def test_a_walk_started_part_way_calls_the_network_at_the_start_then_the_steps_below(sampler, steps, start):
+    """timesteps_of(start=s): x_T holds x_s, so the network sees s first, then the sampler's own steps below s
+    (uniform: round(linspace(0, T-1, steps)), numpy's; 'ddpm' unspaced: every step), and nothing above s."""
+    T = 20
+    net = Recorder()
+    model = DDPM(net, timesteps=T, image_shape=(1, 2, 2))
+    options = SampleOptions(sampler, steps, None if sampler == 'ddpm' else 'uniform').resolve(model)
+    walk = timesteps_of(model, options, start=start)
+    for _ in model.run_sampler(options, 2, 'cpu', torch.Generator().manual_seed(0), x_T=torch.zeros(2, 1, 2, 2),
+                               timesteps=walk):
+        pass
+    own = np.round(np.linspace(0, T - 1, steps)).astype(int) if steps else np.arange(T)
+    expected = [start] + sorted((int(s) for s in own if s < start), reverse=True)
+    assert walk == expected   # a respaced 'ddpm' chain too: its network sees the original steps
+    assert [int(t[0]) for _, t in net.calls] == expected
+
+
+def test_a_bad_start_is_a_one_line_error():
+    model = DDPM(Recorder(), timesteps=10, image_shape=(1, 2, 2))
+    options = SampleOptions().resolve(model)
+    for bad in (-1, 10, 2.5, True):
+        with pytest.raises(ValueError, match='start must be a code step in 0..9') as e:
+            timesteps_of(model, options, start=bad)
+        assert '\n' not in str(e.value)
+
+
+def test_resolved_options_resolve_to_themselves_and_from_args_keeps_missing_flags_default():
+    model = DDPM(Recorder(), timesteps=50, image_shape=(1, 2, 2))
+    for options in (SampleOptions(), SampleOptions('ddim'), SampleOptions('dpm-solver', 7, 'quadratic'),
+                    SampleOptions('ddim', 10, eta=1, clip_denoised=False, guidance_scale=2)):
+        once = options.resolve(model)
+        assert once.resolve(model) == once and None not in (once.steps, once.clip_denoised)
+    args = argparse.Namespace(sampler='ddim', steps=4, quiet=True)   # a CLI without --eta, --spacing, ...
+    assert SampleOptions.from_args(args) == SampleOptions(sampler='ddim', steps=4)
