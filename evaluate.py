@@ -45,9 +45,8 @@ from metrics.fid import (INCEPTION, INCEPTION_FILE, EvalError, check_conversion,
                          load_images, load_stats, reference_resolution, reference_statistics)
 from metrics.inception import is_torchscript, torchscript_to_fidelity
 from runtime import HelpFormatter, add_runtime_options, atomic_write, read_json, resolve_device, run_cli, write_json
-from sampling.generate import load_model, resolve_steps, sample_checkpoint
-from sampling.samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip,
-                               resolve_spacing)
+from sampling.generate import SampleRun, load_model, sample_checkpoint
+from sampling.options import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, DEFAULTS, SAMPLERS, SPACINGS, SampleOptions
 from weights.checkpoint import resolve_checkpoint
 
 PAPER_NUM_SAMPLES = 50_000
@@ -102,13 +101,14 @@ def build_parser():
     s = p.add_argument_group('sampling (with --checkpoint --fid; see sample.py)')
     s.add_argument('--num_samples', type=int, default=PAPER_NUM_SAMPLES, help='the paper uses 50,000')
     s.add_argument('--batch_size', type=int, default=256, help='sampling batch size')
-    s.add_argument('--sampler', choices=SAMPLERS, default='ddpm', help='see sample.py')
-    s.add_argument('--steps', type=int, default=None,
+    s.add_argument('--sampler', choices=SAMPLERS, default=DEFAULTS.sampler, help='see sample.py')
+    s.add_argument('--steps', type=int, default=DEFAULTS.steps,
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
                         f'for dpm-solver; ddpm: all T, fewer respace the chain)')
-    s.add_argument('--spacing', choices=SPACINGS, default=None, help='see sample.py')
-    s.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=None, help='see sample.py')
-    s.add_argument('--eta', type=float, default=0.0, help='DDIM noise')
+    s.add_argument('--spacing', choices=SPACINGS, default=DEFAULTS.spacing, help='see sample.py')
+    s.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=DEFAULTS.clip_denoised,
+                   help='see sample.py')
+    s.add_argument('--eta', type=float, default=DEFAULTS.eta, help='DDIM noise')
     s.add_argument('--seed', type=int, default=0, help='sampling seed; also seeds the noise of --bpd')
     s.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
                    help='EMA weights (default: when the checkpoint has them)')
@@ -290,19 +290,16 @@ def check_resolution(size, args):
 def sample_for_fid(args, device, progress):
     """The checkpoint's samples for FID (drawn once, reused from their .npz) and the options they depend on."""
     model, info = load_model(args.checkpoint, ema=args.ema, device='cpu', image_size=args.image_size)
-    steps, model_ema = resolve_steps(model, args.sampler, args.steps), info['ema']
-    spacing = resolve_spacing(args.sampler, args.spacing, args.eta)
+    options = SampleOptions.from_args(args).resolve(model)
     del model
-    npz = args.npz or default_npz(args, steps, model_ema)
-    images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
-                               args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
-                               amp=args.amp, spacing=spacing, clip_denoised=args.clip_denoised,
+    npz = args.npz or default_npz(args, options.steps, info['ema'])
+    run = SampleRun(args.num_samples, args.batch_size, args.seed, amp=args.amp)
+    images = sample_checkpoint(args.checkpoint, options, run, args.ema, device, npz=npz, progress=progress,
                                image_size=args.image_size)
-    options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing,
-               'clip_denoised': resolve_clip(args.sampler, args.clip_denoised), 'eta': args.eta,
-               'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
-               'amp': args.amp}
-    return images, options
+    record = {'ema': info['ema'], **options.asdict(), 'seed': args.seed, 'batch_size': args.batch_size,
+              'num_samples': args.num_samples, 'amp': args.amp}
+    record.pop('guidance_scale')   # evaluate.py samples unconditionally (no --guidance_scale)
+    return images, record
 
 
 def score_bpd(args, device):

@@ -227,6 +227,15 @@ def atomic_write(path, write):
     return path
 
 
+def file_digest(path, algorithm, chunk=1 << 22):
+    """The hex digest ('md5', 'sha1', 'sha256', ...) of one file's bytes, read in chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_sha256(path, chunk=1 << 22):
     """SHA-256 of a file; of a folder (a diffusers model): of its .json and weight files' names and bytes."""
     digest = hashlib.sha256()

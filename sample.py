@@ -17,10 +17,11 @@ a name from its class_names), all classes in turn (--classes all: image i gets
 class i % num_classes), or none (unconditional, the null class); --guidance_scale w
 is classifier-free guidance. The .npz then holds the labels beside the images.
 
-Reproducibility: batch i (of --batch_size images) draws all its noise from its
-own generator, seeded from (--seed, i). The images therefore depend only on the
-checkpoint, the sampler options, the seed and the batch size; not on where a
-run was interrupted, nor on how many processes shared the work.
+Reproducibility: image i draws all its noise (x_T and every step's) from its own
+generator, seeded from (--seed, i). The images therefore depend only on the
+checkpoint, the sampler options and the seed: not on --batch_size, not on where a
+run was interrupted, nor on how many processes shared the work. (Until seeds were
+per image, a batch shared one generator; the same seed now gives other images.)
 
 Resuming: with --npz or --out_dir, every finished batch is written at once to
 <npz>.parts/ (or <out_dir>/.parts/) as its own small file. Run the same command
@@ -44,8 +45,8 @@ from editing.inpaint import RePaint, inpaint
 from editing.sdedit import sdedit
 from runtime import HelpFormatter, add_runtime_options, resolve_device, run_cli
 from sampling.guidance import ALL_CLASSES, class_grid_order, resolve_class_label, run_labels
-from sampling.samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, few_steps_warning,
-                               resolve_clip)
+from sampling.options import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, DEFAULTS, SAMPLERS, SPACINGS,
+                              SampleOptions, few_steps_warning, is_ancestral)
 from weights.checkpoint import resolve_checkpoint
 
 GRID_MAX_IMAGES = 256
@@ -77,28 +78,28 @@ def build_parser():
                    help='image size for weights that do not fix it (DDIM-format files; default 32)')
     p.add_argument('--num_samples', type=int, default=64, help='number of images')
     p.add_argument('--batch_size', type=int, default=256,
-                   help='images per batch; part of a run\'s identity (batch i is seeded from (seed, i))')
-    p.add_argument('--sampler', choices=SAMPLERS, default='ddpm',
+                   help='images per batch; not part of a run\'s identity (image i is seeded from (seed, i))')
+    p.add_argument('--sampler', choices=SAMPLERS, default=DEFAULTS.sampler,
                    help='ddpm: the paper\'s ancestral sampler over all T steps; ddim: Song et al. 2020; '
                         'dpm-solver: DPM-Solver++(2M), Lu et al. 2022 (fast; see docs/sampling.md)')
-    p.add_argument('--steps', type=int, default=None,
+    p.add_argument('--steps', type=int, default=DEFAULTS.steps,
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
                         f'for dpm-solver); for ddpm (default all T) fewer steps respace the chain (Nichol & '
                         f'Dhariwal 2021, section 4)')
-    p.add_argument('--spacing', choices=SPACINGS, default=None,
+    p.add_argument('--spacing', choices=SPACINGS, default=DEFAULTS.spacing,
                    help='which steps ddim and dpm-solver visit: uniform or quadratic in t, or logsnr (uniform in '
                         'log-SNR); default: uniform for ddim, logsnr for dpm-solver')
-    p.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=DEFAULTS.clip_denoised,
                    help='clip the predicted x_0 to [-1, 1] at every step (default: on for ddpm and ddim, as the '
                         'paper\'s sampler does; off for dpm-solver; see docs/sampling.md for what it does to FID)')
-    p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
+    p.add_argument('--eta', type=float, default=DEFAULTS.eta, help='DDIM noise: 0 deterministic, 1 DDPM-like')
     which = p.add_mutually_exclusive_group()
     which.add_argument('--class_label', default=None,
                        help='class-conditional checkpoints: the class of every image, an index or a name from the '
                             'checkpoint\'s class_names (default: unconditional, the null class)')
     which.add_argument('--classes', choices=['all'], default=None,
                        help='all: image i gets class i %% num_classes; the grid shows one row per class')
-    p.add_argument('--guidance_scale', type=float, default=0.0,
+    p.add_argument('--guidance_scale', type=float, default=DEFAULTS.guidance_scale,
                    help='classifier-free guidance w: eps = (1 + w) eps(class) - w eps(null); 0: the conditional '
                         'model alone; larger trades diversity for fidelity')
     p.add_argument('--seed', type=int, default=0, help='the same seed and options give the same images')
@@ -139,7 +140,7 @@ def check_edit_args(args):
         raise ValueError('--inpaint needs --mask MASK (a PNG of the image\'s size, white = keep, black = fill in)')
     if args.strength is not None and not args.init_image:
         raise ValueError('--strength goes with --init_image IMAGE')
-    if args.inpaint and args.sampler != 'ddpm':
+    if args.inpaint and not is_ancestral(args.sampler):
         raise ValueError(f'--inpaint walks the ancestral chain (RePaint); drop --sampler {args.sampler}')
     if (args.inpaint or args.init_image) and (args.npz or args.out_dir or args.trajectory):
         raise ValueError('--inpaint and --init_image write one grid (--out); drop --npz, --out_dir, --trajectory')
@@ -159,14 +160,13 @@ def run_edit(args, device, progress):
     if args.inpaint:
         mask = load_mask(args.mask, args.inpaint, size).to(device)
         schedule = RePaint(args.steps, args.jump_length, args.resamplings)
-        out = inpaint(model, batch, mask, generator, labels, schedule, resolve_clip('ddpm', args.clip_denoised),
-                      args.guidance_scale, progress)
+        options = SampleOptions.from_args(args).resolve(model)   # the ancestral sampler's (check_edit_args)
+        out = inpaint(model, batch, mask, generator, labels, schedule, options.clip_denoised, options.guidance_scale,
+                      progress)
         image = image * mask   # the input as the model sees it: the hole grey (0 in [-1, 1])
     else:
         strength = 0.5 if args.strength is None else args.strength
-        out = sdedit(model, batch, strength, generator, labels, sampler=args.sampler, steps=args.steps,
-                     eta=args.eta, spacing=args.spacing, clip_denoised=args.clip_denoised,
-                     guidance_scale=args.guidance_scale, progress=progress)
+        out = sdedit(model, batch, strength, generator, labels, SampleOptions.from_args(args), progress)
     images = cifar.to_uint8(torch.cat([image, out])).permute(0, 2, 3, 1).cpu().numpy()
     path = generation.save_grid(images, args.out or 'samples.png', nrow=len(images))
     return [f'{path} (the input, then {args.num_samples} results)']
@@ -199,11 +199,10 @@ def run(args):
     written = []
     class_label = args.classes or args.class_label
     if out or args.npz or args.out_dir:
-        result = generation.sample_checkpoint(
-            args.checkpoint, args.num_samples, args.batch_size, args.sampler, args.steps, args.eta, args.seed,
-            args.ema, device, args.npz, args.out_dir, progress, amp=args.amp, spacing=args.spacing,
-            class_label=class_label, guidance_scale=args.guidance_scale, with_labels=True,
-            clip_denoised=args.clip_denoised, image_size=args.image_size)
+        run = generation.SampleRun(args.num_samples, args.batch_size, args.seed, class_label, args.amp)
+        result = generation.sample_checkpoint(args.checkpoint, SampleOptions.from_args(args), run, args.ema, device,
+                                              args.npz, args.out_dir, progress, with_labels=True,
+                                              image_size=args.image_size)
         if result is None:   # not rank 0
             return 0
         images, labels = result
@@ -219,10 +218,9 @@ def run(args):
                                             image_size=args.image_size)
         n = min(args.num_samples, TRAJECTORY_MAX_IMAGES)
         label = resolve_class_label(model.num_classes, info.get('class_names'), class_label, args.guidance_scale)
-        ts, frames = generation.trajectory(model, n, args.sampler, args.steps, args.eta, args.seed, device,
-                                           progress=progress, amp=args.amp, spacing=args.spacing,
-                                           labels=run_labels(label, n, model.num_classes),
-                                           guidance_scale=args.guidance_scale, clip_denoised=args.clip_denoised)
+        ts, frames = generation.trajectory(model, n, SampleOptions.from_args(args), args.seed, device,
+                                           progress=progress, amp=args.amp,
+                                           labels=run_labels(label, n, model.num_classes))
         written.append(f'{generation.save_trajectory(frames, args.trajectory)} (rows: {n} images; '
                        f'columns: x_t at t = '
                        f'{", ".join(map(str, ts))})')
@@ -235,11 +233,12 @@ def run(args):
 
 
 # Names that lived here before sampling/generate.py existed; old imports keep working, with a warning.
-MOVED = {name: 'sampling.generate' for name in ('batch_seed', 'batch_counts', 'resolve_steps', 'sample_batch',
+MOVED = {name: 'sampling.generate' for name in ('batch_seed', 'batch_counts', 'sample_batch',
                                                 'generate', 'open_parts', 'save_pngs', 'assemble', 'sample_checkpoint',
                                                 'trajectory', 'load_model', 'TRAJECTORY_COLUMNS', 'save_grid',
                                                 'save_trajectory')}
 MOVED['to_uint8'] = 'data.process_cifar'
+MOVED['resolve_steps'] = 'sampling.options'
 
 
 def __getattr__(name):

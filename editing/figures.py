@@ -18,21 +18,22 @@ from editing.latents import fig7_ts, shared_latents
 from runtime import add_runtime_options, resolve_device
 from sampling.generate import load_model, save_grid, save_trajectory, trajectory
 from sampling.guidance import resolve_class_label, run_labels
-from sampling.samplers import SAMPLERS
+from sampling.options import DEFAULTS, SAMPLERS, SampleOptions
 
 
 def add_model_options(p, out):
     """The options every figure takes: the checkpoint, the sampler, the seed, the class, the output."""
     p.add_argument('--checkpoint', required=True, help='a checkpoint written by train.py (or a diffusers folder)')
     p.add_argument('--out', default=out, help='the PNG to write')
-    p.add_argument('--sampler', choices=SAMPLERS, default='ddpm', help='the reverse process (default: the paper\'s)')
+    p.add_argument('--sampler', choices=SAMPLERS, default=DEFAULTS.sampler,
+                   help='the reverse process (default: the paper\'s)')
     p.add_argument('--steps', type=int, default=None,
                    help='network evaluations of the whole chain (default: all T for ddpm, the sampler\'s default '
                         'otherwise); a walk from t runs those below t')
     p.add_argument('--seed', type=int, default=0, help='the same seed and options give the same picture')
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None, help='EMA weights (default: when present)')
     p.add_argument('--class_label', default=None, help='class-conditional checkpoints: a class index or name')
-    p.add_argument('--guidance_scale', type=float, default=0.0, help='classifier-free guidance w')
+    p.add_argument('--guidance_scale', type=float, default=DEFAULTS.guidance_scale, help='classifier-free guidance w')
     add_runtime_options(p)
 
 
@@ -44,8 +45,6 @@ def open_model(args, n):
     return model, run_labels(label, n, model.num_classes), device
 
 
-def sampler_options(args):
-    return dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale, progress=not args.quiet)
 
 
 def nhwc(x):
@@ -66,9 +65,8 @@ def run_fig6(args):
     if args.num_samples < 1 or args.columns < 2:
         raise ValueError('--num_samples must be at least 1 and --columns at least 2')
     model, labels, device = open_model(args, args.num_samples)
-    ts, frames = trajectory(model, args.num_samples, args.sampler, args.steps, seed=args.seed, device=device,
-                            columns=args.columns, progress=not args.quiet, amp=args.amp, labels=labels,
-                            guidance_scale=args.guidance_scale, predicted_x0=True)
+    ts, frames = trajectory(model, args.num_samples, SampleOptions.from_args(args), args.seed, device, args.columns,
+                            progress=not args.quiet, amp=args.amp, labels=labels, predicted_x0=True)
     return [f'{save_trajectory(frames, args.out)} (rows: samples; columns: x_0 predicted at t = '
             f'{", ".join(map(str, ts))})']
 
@@ -91,7 +89,8 @@ def run_fig7(args):
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     labels = labels if labels is None else labels[:x_0.shape[0]]
-    for x_t, samples in shared_latents(model, x_0, ts, args.k, generator, labels, **sampler_options(args)):
+    for x_t, samples in shared_latents(model, x_0, ts, args.k, generator, labels, SampleOptions.from_args(args),
+                                             not args.quiet):
         rows.append(torch.cat([x_0.unsqueeze(1), x_t.unsqueeze(1), samples], dim=1))   # [B, 2 + k, C, H, W]
     grid = torch.stack(rows, dim=1)   # [B, len(ts), 2 + k, ...]: image-major rows
     save_grid(nhwc(grid), args.out, nrow=2 + args.k)
@@ -117,7 +116,7 @@ def run_fig8(args):
     model, labels, device = open_model(args, args.num_pairs)
     if args.noise:
         out = interpolate_noise(model, args.seed, args.seed + 1, args.num_pairs, args.lambdas, device, labels,
-                                **sampler_options(args))
+                                SampleOptions.from_args(args), not args.quiet)
         save_grid(nhwc(out.transpose(0, 1)), args.out, nrow=len(args.lambdas))
         return [f'{args.out} (rows: {args.num_pairs} pairs of seeds; columns: slerp lambda = {args.lambdas})']
     images = load_images(args.images, 2 * args.num_pairs, model.image_shape[-1]).to(device)
@@ -126,7 +125,7 @@ def run_fig8(args):
     x_a, x_b = images[0::2][:len(images) // 2], images[1::2]
     t = args.t if args.t is not None else max(1, model.timesteps // 2)
     out = interpolate(model, x_a, x_b, t, args.lambdas, torch.Generator().manual_seed(args.seed),
-                      labels if labels is None else labels[:len(x_a)], **sampler_options(args))
+                      labels if labels is None else labels[:len(x_a)], SampleOptions.from_args(args), not args.quiet)
     grid = torch.cat([x_a.unsqueeze(1), out.transpose(0, 1), x_b.unsqueeze(1)], dim=1)
     save_grid(nhwc(grid), args.out, nrow=len(args.lambdas) + 2)
     return [f'{args.out} (rows: {len(x_a)} pairs; columns: x_a, decoded mixes at t = {t} for lambda = '

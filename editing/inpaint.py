@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from sampling.guidance import check_labels
-from sampling.samplers import draw_noise, respaced
+from sampling.ancestral import respaced
+from sampling.noise import draw_noise
+from sampling.options import DEFAULTS
+from sampling.timesteps import ddim_timesteps
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def forward_step(chain, x, level, generator):
 
 @torch.inference_mode()
 def inpaint(model, x_0, mask, generator=None, labels=None, schedule=RePaint(), clip_denoised=True,
-            guidance_scale=0.0, progress=False):
+            guidance_scale=DEFAULTS.guidance_scale, progress=False):
     """Fill the pixels of x_0 [B, C, H, W] (in [-1, 1]) where `mask` is 0; keep those where it is 1.
 
     mask: [B or 1, 1 or C, H, W] of 0s and 1s. labels: the class of every image of a class-conditional
@@ -84,7 +87,7 @@ def inpaint(model, x_0, mask, generator=None, labels=None, schedule=RePaint(), c
     labels = check_labels(labels, x_0.shape[0], model.num_classes, x_0.device)
     cond = {} if labels is None else {'labels': labels, 'guidance_scale': guidance_scale}
     levels = schedule.steps or min(250, model.timesteps)
-    chain = model if levels == model.timesteps else respaced(model, levels)
+    chain = model if levels == model.timesteps else respaced(model, ddim_timesteps(model.timesteps, levels))
     walk = repaint_walk(levels, schedule.jump_length, schedule.resamplings)
     x = draw_noise(x_0.shape, generator, x_0.device)
     pairs = list(zip(walk, walk[1:]))

@@ -11,7 +11,8 @@ import torch
 
 from editing.reverse import denoise_from, encode
 from sampling.guidance import check_labels
-from sampling.samplers import draw_noise, sample_loop
+from sampling.noise import draw_noise
+from sampling.options import SampleOptions
 
 FIG8_LAMBDAS = tuple(i / 10 for i in range(11))   # 0, 0.1, ..., 1
 FIG8_T = 500   # the paper's t for CIFAR-10 / CelebA-HQ interpolation (of T = 1000)
@@ -25,17 +26,18 @@ def check_lambdas(lambdas):
 
 
 @torch.inference_mode()
-def interpolate(model, x_a, x_b, t=FIG8_T, lambdas=FIG8_LAMBDAS, generator=None, labels=None, **options):
+def interpolate(model, x_a, x_b, t=FIG8_T, lambdas=FIG8_LAMBDAS, generator=None, labels=None,
+                options=SampleOptions(), progress=False):
     """[len(lambdas), B, C, H, W]: the pairs x_a[i], x_b[i] mixed through x_t at the paper's t.
 
     The encoding noise of x_a, then x_b, comes first from `generator`; every lambda then decodes from the
-    same generator state. options: see editing.reverse.denoise_from.
+    same generator state. options (SampleOptions), progress: see editing.reverse.denoise_from.
     """
     lambdas = check_lambdas(lambdas)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     x_t_a, x_t_b = encode(model, x_a, t, generator), encode(model, x_b, t, generator)
     return decode_each(lambdas, lambda v: denoise_from(model, (1 - v) * x_t_a + v * x_t_b, t, generator,
-                                                       labels, **options), generator)
+                                                       labels, options, progress), generator)
 
 
 def slerp(z_a, z_b, v):
@@ -53,23 +55,23 @@ def slerp(z_a, z_b, v):
 
 
 @torch.inference_mode()
-def interpolate_noise(model, seed_a, seed_b, n=1, lambdas=FIG8_LAMBDAS, device='cpu', labels=None, **options):
+def interpolate_noise(model, seed_a, seed_b, n=1, lambdas=FIG8_LAMBDAS, device='cpu', labels=None,
+                      options=SampleOptions(), progress=False):
     """[len(lambdas), n, C, H, W]: samples from slerp(x_T of seed_a, x_T of seed_b, lambda).
 
     x_T of a seed is the first draw of torch.Generator().manual_seed(seed); the reverse noise continues
     seed_a's generator, the same for every lambda, so lambda = 0 is model.sample from seed_a.
-    options: samplers.sample_loop's sampler, steps, eta, spacing, clip_denoised, guidance_scale, progress.
+    options: the sampler's (SampleOptions).
     """
     lambdas = check_lambdas(lambdas)
     gen_a, gen_b = torch.Generator().manual_seed(seed_a), torch.Generator().manual_seed(seed_b)
     shape = (n, *model.image_shape)
     z_a, z_b = draw_noise(shape, gen_a, device), draw_noise(shape, gen_b, device)
+    resolved = options.resolve(model)
     labels = check_labels(labels, n, model.num_classes, device)
-    options.setdefault('progress', False)
 
     def sample_from(v):
-        for _, x, _ in sample_loop(model, n, device, generator=gen_a, x_T=slerp(z_a, z_b, v), labels=labels,
-                                   **options):
+        for _, x, _ in model.run_sampler(resolved, n, device, gen_a, progress, x_T=slerp(z_a, z_b, v), labels=labels):
             pass
         return x
     return decode_each(lambdas, sample_from, gen_a)

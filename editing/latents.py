@@ -7,6 +7,7 @@ what they have in common is what x_t still holds of the image. The paper's t: 10
 import torch
 
 from editing.reverse import code_step, denoise_from, encode
+from sampling.options import SampleOptions
 
 FIG7_FRACTIONS = (1.0, 0.75, 0.5, 0.25)   # t / T of the paper's 1000, 750, 500, 250
 
@@ -17,11 +18,11 @@ def fig7_ts(model):
 
 
 @torch.inference_mode()
-def shared_latents(model, x_0, ts, k, generator=None, labels=None, **options):
+def shared_latents(model, x_0, ts, k, generator=None, labels=None, options=SampleOptions(), progress=False):
     """For each paper t in `ts`: (x_t [B, C, H, W], samples [B, k, C, H, W]) from that one x_t per image.
 
     labels: the class of every image of a class-conditional model (B of them, or None).
-    options: see editing.reverse.denoise_from.
+    options (SampleOptions), progress: see editing.reverse.denoise_from.
     """
     if k < 1:
         raise ValueError(f'need at least one sample per latent, got k={k}')
@@ -32,6 +33,6 @@ def shared_latents(model, x_0, ts, k, generator=None, labels=None, **options):
     out = []
     for t in ts:
         x_t = encode(model, x_0, t, generator)
-        x = denoise_from(model, x_t.repeat_interleave(k, dim=0), t, generator, repeated, **options)
+        x = denoise_from(model, x_t.repeat_interleave(k, dim=0), t, generator, repeated, options, progress)
         out.append((x_t, x.reshape(b, k, *x.shape[1:])))
     return out

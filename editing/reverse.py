@@ -1,14 +1,16 @@
 """Enter the reverse process part-way: x_t ~ q(x_t | x_0) at a paper step t, then back to x_0 with any sampler.
 
 SDEdit, the shared latents of Fig. 7 and the interpolation of Fig. 8 all do this. The paper's t runs
-1..T; the code's step is t - 1 (see diffusion.py). The reverse walk is samplers.sample_loop started
-at that step (`t_start`), so every sampler, variance and class-conditional model works unchanged.
+1..T; the code's step is t - 1 (see diffusion.py). The reverse walk is the sampler's own, over its
+timestep sequence cut to start at that step (sampling.options.timesteps_of(..., start=step)), so every
+sampler, variance and class-conditional model works unchanged.
 """
 
 import torch
 
 from sampling.guidance import check_labels
-from sampling.samplers import draw_noise, sample_loop
+from sampling.noise import draw_noise
+from sampling.options import SampleOptions, timesteps_of
 
 
 def code_step(model, t, what='t'):
@@ -32,16 +34,16 @@ def encode(model, x_0, t, generator=None):
 
 
 @torch.inference_mode()
-def denoise_from(model, x_t, t, generator=None, labels=None, **options):
+def denoise_from(model, x_t, t, generator=None, labels=None, options=SampleOptions(), progress=False):
     """x_0 from x_t at the paper's t by the reverse process, in [-1, 1].
 
-    options: samplers.sample_loop's sampler, steps, eta, spacing, clip_denoised, guidance_scale,
-    progress (default off). `steps` counts the whole chain's steps, of which those below t run.
+    options: the sampler's (SampleOptions); its `steps` count the whole chain's steps, of which those below t run.
     labels: the class of every image of a class-conditional model (None: unconditional).
     """
-    options.setdefault('progress', False)
+    resolved = options.resolve(model)
     labels = check_labels(labels, x_t.shape[0], model.num_classes, x_t.device)
-    for _, x, _ in sample_loop(model, x_t.shape[0], x_t.device, generator=generator, x_T=x_t, labels=labels,
-                               t_start=code_step(model, t), **options):
+    walk = timesteps_of(model, resolved, start=code_step(model, t))
+    for _, x, _ in model.run_sampler(resolved, x_t.shape[0], x_t.device, generator, progress, x_T=x_t,
+                                     labels=labels, timesteps=walk):
         pass
     return x

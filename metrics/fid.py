@@ -303,8 +303,11 @@ def load_stats(path):
         return data['mu'].astype(np.float64), data['sigma'].astype(np.float64), count
 
 
+ISC_SPLITS = 10   # the Inception Score's splits (torch-fidelity's and the IS paper's 10)
+
+
 def image_metrics(images, extractor, fid_layer, isc_layer, ref_stats, ref_features=None, batch_size=250,
-                  device='cpu', progress=True, isc_splits=10, seed=2020):
+                  device='cpu', progress=True, seed=2020):
     """FID (and IS when the extractor has logits, KID when ref_features are given) of uint8 [N, H, W, C] images.
 
     ref_stats: (mu, sigma) of the reference images' `fid_layer` features.
@@ -316,7 +319,7 @@ def image_metrics(images, extractor, fid_layer, isc_layer, ref_stats, ref_featur
     mu, sigma = feature_statistics(features[fid_layer])
     results = {'fid': frechet_distance(mu, sigma, *ref_stats), 'num_samples': int(len(images))}
     if isc_layer is not None:
-        isc = isc_features_to_metric(torch.from_numpy(features[isc_layer]), splits=isc_splits, shuffle=True,
+        isc = isc_features_to_metric(torch.from_numpy(features[isc_layer]), splits=ISC_SPLITS, shuffle=True,
                                      rng_seed=seed)
         results.update(isc_mean=isc['inception_score_mean'], isc_std=isc['inception_score_std'])
     if ref_features is not None:

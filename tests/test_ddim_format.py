@@ -19,16 +19,10 @@ import sample
 from diffusion import DDPM, create_cifar10_ddpm
 from sampling.generate import load_model
 from weights import ddim_format
+from conftest import CIFAR10_32
 from weights.checkpoint import CheckpointError
 
 TOL = 1e-5   # max abs difference, fp32
-# google/ddpm-cifar10-32's UNet2DModel config (the paper's CIFAR-10 network).
-CIFAR10_32 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
-    down_block_types=['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'],
-    up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'], attention_head_dim=None,
-    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32, act_fn='silu',
-    time_embedding_type='positional', center_input_sample=False, mid_block_scale_factor=1)
 CIFAR10_LAYOUT = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,))
 # The LSUN releases' six levels (ch_mult 1,1,2,2,4,4) with small channels; attention at one level (4 x 4).
 SIX_LEVELS = dict(ch=64, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, attn_levels=(3,))

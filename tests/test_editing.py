@@ -13,6 +13,7 @@ from editing.interpolate import interpolate, interpolate_noise, slerp
 from editing.latents import shared_latents
 from editing.reverse import code_step, strength_step
 from editing.sdedit import sdedit
+from sampling.options import SampleOptions
 
 D, SHAPE = 4, (1, 2, 2)
 MU = torch.tensor([0.1, -0.1, 0.0, 0.2], dtype=torch.float64)
@@ -157,7 +158,7 @@ def test_sdedit_at_strength_1_is_sampling_from_the_same_x_T(sampler):
     model = gaussian_ddpm(timesteps=50)
     guide = torch.rand(3, *SHAPE, generator=gen(7)) - 0.5
     steps = None if sampler == 'ddpm' else 10
-    out = sdedit(model, guide, 1.0, gen(4), sampler=sampler, steps=steps, clip_denoised=False)
+    out = sdedit(model, guide, 1.0, gen(4), options=SampleOptions(sampler, steps, clip_denoised=False))
     g = gen(4)
     x_T = model.q_sample(guide, torch.full((3,), 49), torch.randn(guide.shape, generator=g))
     ref = model.sample(3, generator=g, x_T=x_T, sampler=sampler, steps=steps, clip_denoised=False, progress=False)
@@ -169,7 +170,7 @@ def test_samples_from_a_shared_latent_follow_the_posterior_p_x0_given_x_t():
     C = (Sigma^-1 + a / (1 - a) I)^-1, a = a-bar_t: the exact answer for Gaussian data."""
     model, t, k = gaussian_ddpm(), 60, 4000
     x_0 = torch.tensor([[0.3, -0.2, 0.25, 0.1]]).reshape(1, *SHAPE)
-    [(x_t, samples)] = shared_latents(model, x_0, [t], k, gen(6), clip_denoised=False)
+    [(x_t, samples)] = shared_latents(model, x_0, [t], k, gen(6), options=SampleOptions(clip_denoised=False))
     a = model.alphas_cumprod[t - 1].double()
     inv = torch.linalg.inv(SIGMA)
     cov = torch.linalg.inv(inv + a / (1 - a) * torch.eye(D, dtype=torch.float64))
@@ -216,7 +217,7 @@ def test_interpolation_ends_are_the_reconstructions_from_x_t_with_the_same_noise
     model, t = gaussian_ddpm(timesteps=30), 15
     x_a = torch.rand(2, *SHAPE, generator=gen(8)) - 0.5
     x_b = torch.rand(2, *SHAPE, generator=gen(9)) - 0.5
-    out = interpolate(model, x_a, x_b, t, [0, 0.5, 1], gen(3), clip_denoised=False)
+    out = interpolate(model, x_a, x_b, t, [0, 0.5, 1], gen(3), options=SampleOptions(clip_denoised=False))
     g = gen(3)
     step = torch.full((2,), t - 1)
     x_t_a = model.q_sample(x_a, step, torch.randn(x_a.shape, generator=g))
@@ -238,7 +239,7 @@ def test_slerp_keeps_the_angle_and_the_ends():
 
 def test_noise_interpolation_at_0_is_the_sample_of_seed_a():
     model = gaussian_ddpm(timesteps=20)
-    out = interpolate_noise(model, 11, 12, n=3, lambdas=[0, 0.5, 1], clip_denoised=False)
+    out = interpolate_noise(model, 11, 12, n=3, lambdas=[0, 0.5, 1], options=SampleOptions(clip_denoised=False))
     torch.testing.assert_close(out[0], model.sample(3, generator=gen(11), clip_denoised=False, progress=False),
                                rtol=0, atol=1e-6)
     assert not torch.allclose(out[1], out[0]) and not torch.allclose(out[2], out[0])

@@ -54,7 +54,9 @@ def test_fig6_columns_are_the_predicted_x0_and_end_with_the_sample(ckpt):
     assert ts[0] == T and ts[-1] == 0
     assert np.array_equal(pred[:, -1], chain[:, -1])   # the last column: the sample itself
     # the first: x_0 predicted from x_T, Eq. (4) inverted: (x_T - sqrt(1 - a-bar_T) eps) / sqrt(a-bar_T), clipped
-    x_T = torch.randn((2, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(batch_seed(4, 0)))
+    # seeds per image: image i's x_T is the first draw of its own generator, seeded from (seed, i)
+    x_T = torch.stack([torch.randn((3, SIZE, SIZE), generator=torch.Generator().manual_seed(batch_seed(4, i)))
+                       for i in range(2)])
     abar = model.alphas_cumprod[-1]
     with torch.no_grad():
         eps = model.network(x_T, torch.full((2,), T - 1))

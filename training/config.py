@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from diffusion import BETA_SCHEDULES, LOSSES, check_model_options
 from runtime import AMP_CHOICES, DEFAULT_AMP, plain
-from sampling.samplers import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS
+from sampling.options import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, fast_steps
 
 DATASETS = ('cifar10', 'folder', 'synthetic')
 
@@ -144,7 +144,7 @@ def validate(c):
             raise ValueError(f'{key} must be a positive integer, got {value!r}')
     if not (c.lr > 0 and math.isfinite(c.lr)):  # lr=inf would turn the first update into NaN weights
         raise ValueError(f'lr must be positive and finite, got {c.lr!r}')
-    if c.sample_sampler != 'ddpm' and c.sample_steps > c.timesteps:  # else it fails at the first grid
+    if (fast_steps(c.sample_sampler, c.sample_steps) or 0) > c.timesteps:  # else it fails at the first grid
         raise ValueError(f'sample_steps={c.sample_steps} must not exceed timesteps={c.timesteps}')
     if c.max_steps is not None and c.max_steps < 1:
         raise ValueError(f'max_steps must be a positive integer or None, got {c.max_steps!r}')
@@ -171,7 +171,7 @@ def _validate_fid(c):
         raise ValueError(f'fid_every must be 0 (off) or a positive number of epochs, got {c.fid_every!r}')
     if c.fid_every and not (isinstance(c.fid_samples, int) and c.fid_samples >= 2):
         raise ValueError(f'fid_samples must be an integer of at least 2, got {c.fid_samples!r}')
-    if c.fid_every and c.fid_sampler != 'ddpm' and not 1 <= c.fid_steps <= c.timesteps:
+    if c.fid_every and fast_steps(c.fid_sampler, c.fid_steps) is not None and not 1 <= c.fid_steps <= c.timesteps:
         raise ValueError(f'fid_steps must be between 1 and timesteps={c.timesteps}, got {c.fid_steps!r}')
 
 

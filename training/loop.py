@@ -213,8 +213,7 @@ class TrainLoop:
         if not c.fid_every:
             self.say(OFF_HINT)
             return
-        self.fid = FIDDuringTraining(self.images, c.fid_samples, c.fid_sampler, c.fid_steps, c.seed,
-                                     c.fid_weights, self.device, c.amp, c.checkpoint_dir, self.dist, self.say)
+        self.fid = FIDDuringTraining(self.images, c, self.device, self.dist, self.say)
 
     # ----- the loop -------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from model.Blocks import UNet
-from runtime import atomic_write, closest
+from runtime import atomic_write, closest, file_digest
 
 
 class DDIMFormatError(ValueError):
@@ -111,12 +111,8 @@ def fetch_release(name, folder=None):
     return path
 
 
-def file_md5(path, chunk=1 << 22):
-    digest = hashlib.md5()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            digest.update(block)
-    return digest.hexdigest()
+def file_md5(path):
+    return file_digest(path, 'md5')
 
 
 def download(url, path, md5, name):
