@@ -22,7 +22,8 @@ import torch
 import torch.distributed as torch_dist
 
 from checkpoint import CheckpointError, load_checkpoint
-from diffusion import BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, UNET_OPTIONS, check_model_options
+from diffusion import (BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, PREDICTIONS, UNET_OPTIONS, VARIANCES,
+                       check_model_options)
 from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest, plain
 from samplers import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS
 from train_util import TrainLoop
@@ -85,10 +86,12 @@ def train_ddpm(
     timesteps: int = 1000,            # T
     beta_start: float = 1e-4,         # beta_1 of the linear schedule
     beta_end: float = 0.02,           # beta_T of the linear schedule
-    variance: str = 'beta',           # sampler variance: 'beta' (the paper's) | 'posterior' (beta-tilde)
+    variance: str = 'beta',           # 'beta' (the paper's) | 'posterior' (beta-tilde) | 'learned' (log sigma^2, Table 2) | 'learned_range' (= learn_sigma)
     beta_schedule: str = 'linear',    # 'linear' (the paper's) | 'cosine' (Improved DDPM; ignores beta_start/end)
     learn_sigma: bool = False,        # the U-Net also outputs the reverse variance (Improved DDPM); needs a loss below
     loss: str = 'simple',             # 'simple' (the paper's L_simple) | 'hybrid' (+ 0.001 L_vlb) | 'vlb'
+    prediction: str = 'eps',          # what the U-Net predicts: 'eps' (the paper's) | 'x0' | 'mu' (mu-tilde) | 'v'
+    min_snr_gamma: float = None,      # Min-SNR-gamma weighting of the MSE (Hang et al. 2023; they use 5); None: off
     importance_sampling: bool = False,  # loss='vlb' only: draw t with p_t ~ sqrt(E[L_t^2]) (Improved DDPM 3.3)
     class_cond: bool = False,         # class-conditional model for classifier-free guidance, labels from the dataset
     p_uncond: float = 0.1,            # with class_cond: probability that a label is dropped to the null class
@@ -142,13 +145,13 @@ def validate_config(c):
     if c['fid_every'] and c['fid_sampler'] != 'ddpm' and not 1 <= c['fid_steps'] <= c['timesteps']:
         raise ValueError(f'fid_steps must be between 1 and timesteps={c["timesteps"]}, got {c["fid_steps"]!r}')
     choices = {'dataset': ('cifar10', 'folder', 'synthetic'), 'amp': AMP_CHOICES,
-               'sample_sampler': SAMPLERS, 'fid_sampler': SAMPLERS, 'variance': ('beta', 'posterior'),
-               'beta_schedule': BETA_SCHEDULES, 'loss': LOSSES}
+               'sample_sampler': SAMPLERS, 'fid_sampler': SAMPLERS, 'variance': VARIANCES,
+               'beta_schedule': BETA_SCHEDULES, 'loss': LOSSES, 'prediction': PREDICTIONS}
     for key, valid in choices.items():
         if c[key] not in valid:
             raise ValueError(f'{key} must be one of {valid}, got {c[key]!r}')
     check_model_options(c['timesteps'], c['beta_start'], c['beta_end'], c['variance'], c['beta_schedule'],
-                  c['learn_sigma'], c['loss'])
+                  c['learn_sigma'], c['loss'], c['prediction'], c['min_snr_gamma'])
     if c['importance_sampling'] and c['loss'] != 'vlb':
         raise ValueError(f"importance_sampling=True needs loss='vlb' (it samples t for the bound), got "
                          f"loss={c['loss']!r}")
