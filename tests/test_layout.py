@@ -34,8 +34,12 @@ ALLOWED = {
                'samplers'},
     'evaluate': {'checkpoint', 'data.process_cifar', 'fid', 'inception', 'runtime', 'sample', 'samplers'},
     'convert': {'checkpoint', 'diffusers_io', 'runtime'},
+    'training.ablations': {'fid'},
+    'metrics.rate_distortion': set(),
+    'paper': {'checkpoint', 'data.process_cifar', 'evaluate', 'metrics.rate_distortion', 'runtime', 'sample',
+              'samplers', 'train', 'training.ablations'},
 }
-OURS = set(ALLOWED) | {'data', 'model'}
+OURS = set(ALLOWED) | {'data', 'model', 'training', 'metrics'}
 
 
 def imports_of(module):

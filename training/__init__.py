@@ -1,0 +1,1 @@
+"""Training: the loop and its parts (ablations.py: the paper's Table 2 runs)."""
