@@ -7,7 +7,7 @@ distortion is its RMSE on the 0-255 scale. The paper's test-set totals: rate 1.7
 distortion (the decoder L_0) 1.97 bits/dim, RMSE 0.95 at the end of the chain.
 
 `rate_distortion` measures both at a grid of steps for N images (one x_t per image and step);
-the rate between grid points uses the KL at the nearest grid point below (exact with stride 1).
+the rate between grid points uses the KL at the nearest grid point above (exact with stride 1).
 Code step t = 0..T-1 is the paper's t = 1..T.
 """
 
@@ -75,9 +75,9 @@ def rate_distortion(model, images, stride=1, batch_size=100, device='cpu', seed=
 
 def cumulative_rate(grid, kl_mean, prior, timesteps):
     """L_T + sum of the KL terms of the steps s > t, for each grid step t; the KL of each integer step s in
-    1..T-1 is that of the grid step at or below it (exact when the grid holds every step)."""
-    below = torch.searchsorted(grid, torch.arange(timesteps), right=True) - 1   # grid index at or below each step
-    per_step = kl_mean[below].clone()
+    1..T-1 is that of the grid step at or above it (exact when the grid holds every step; T-1 is on the grid)."""
+    above_index = torch.searchsorted(grid, torch.arange(timesteps))   # the first grid step >= each step
+    per_step = kl_mean[above_index].clone()
     per_step[0] = 0.0   # step 0 is the decoder: it sends no x_t
     above = per_step.flip(0).cumsum(0).flip(0)   # above[s] = sum over steps >= s
     rate = torch.cat([above[1:], torch.zeros(1, dtype=torch.float64)])   # steps > t

@@ -22,7 +22,7 @@ from fid import INCEPTION, extract_features, feature_statistics, frechet_distanc
 TABLE2_ROWS = (
     ('mu, L, learned diagonal', dict(prediction='mu', loss='vlb', variance='learned'), (7.28, 0.10, 23.69)),
     ('mu, L, fixed isotropic', dict(prediction='mu', loss='vlb', variance='beta'), (8.06, 0.09, 13.22)),
-    ('mu, ||mu~ - mu||^2', dict(prediction='mu', loss='simple', variance='beta'), None),
+    ('mu, MSE (||mu~ - mu_theta||^2)', dict(prediction='mu', loss='simple', variance='beta'), None),
     ('eps, L, learned diagonal', dict(prediction='eps', loss='vlb', variance='learned'), None),
     ('eps, L, fixed isotropic', dict(prediction='eps', loss='vlb', variance='beta'), (7.67, 0.13, 13.51)),
     ('eps, L_simple', dict(prediction='eps', loss='simple', variance='beta'), (9.46, 0.11, 3.17)),
@@ -33,8 +33,8 @@ PAPER_NLL = {'eps, L, fixed isotropic': 3.70, 'eps, L_simple': 3.75}
 
 
 def row_key(name):
-    """A folder name for a row: 'eps, L_simple' -> 'eps_L_simple'."""
-    return ''.join(c if c.isalnum() else '_' for c in name).strip('_').replace('__', '_').replace('__', '_')
+    """A folder name for a row, its name before any parenthesis: 'eps, L_simple' -> 'eps_L_simple'."""
+    return '_'.join(''.join(c if c.isalnum() or c == '_' else ' ' for c in name.split(' (')[0]).split())
 
 
 def select_rows(names=None):
