@@ -77,8 +77,7 @@ def cumulative_rate(grid, kl_mean, prior, timesteps):
     """L_T + sum of the KL terms of the steps s > t, for each grid step t; the KL of each integer step s in
     1..T-1 is that of the grid step at or above it (exact when the grid holds every step; T-1 is on the grid)."""
     above_index = torch.searchsorted(grid, torch.arange(timesteps))   # the first grid step >= each step
-    per_step = kl_mean[above_index].clone()
-    per_step[0] = 0.0   # step 0 is the decoder: it sends no x_t
+    per_step = kl_mean[above_index]   # (step 0's entry, the decoder, is never above a step t >= 0)
     above = per_step.flip(0).cumsum(0).flip(0)   # above[s] = sum over steps >= s
     rate = torch.cat([above[1:], torch.zeros(1, dtype=torch.float64)])   # steps > t
     return (prior + rate[grid]).numpy()
