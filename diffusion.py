@@ -232,7 +232,8 @@ class DDPM(nn.Module):
             per_image = mse
         # Trained on the unclipped bound (clip_denoised=False), as the paper's code does.
         elif self.loss_type == 'vlb':
-            per_image = self.timesteps * self.vb_term_bpd(x_0, x_t, t, False, (self.eps_from_prediction(x_t, t, pred), nu))
+            eps_pred = self.eps_from_prediction(x_t, t, pred)
+            per_image = self.timesteps * self.vb_term_bpd(x_0, x_t, t, False, (eps_pred, nu))
         else:
             eps_detached = self.eps_from_prediction(x_t, t, pred.detach())
             per_image = mse + HYBRID_LAMBDA * self.timesteps * self.vb_term_bpd(x_0, x_t, t, False, (eps_detached, nu))
@@ -255,7 +256,8 @@ class DDPM(nn.Module):
 
         ||eps - eps_pred||^2 = SNR_t ||x_0 - x_0_pred||^2, so eps gets min(SNR_t, gamma) / SNR_t (the paper's
         Eq. for eps), x0 min(SNR_t, gamma), v min(SNR_t, gamma) / (SNR_t + 1) (||v - v_pred||^2 =
-        ||x_0 - x_0_pred||^2 / (1 - a-bar_t)), and mu min(SNR_t, gamma) / coef1_t^2 (mu-tilde is coef1_t x_0 + coef2_t x_t).
+        ||x_0 - x_0_pred||^2 / (1 - a-bar_t)), and mu min(SNR_t, gamma) / coef1_t^2 (mu-tilde is
+        coef1_t x_0 + coef2_t x_t).
         """
         snr = self.snr[t]
         weight = snr.clamp(max=self.min_snr_gamma)

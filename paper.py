@@ -119,7 +119,8 @@ def build_parser():
     t2.add_argument('--sample_steps', type=int, default=20)
     t2.add_argument('--out_dir', default='runs/table2')
     f5.add_argument('--checkpoint', required=True)
-    f5.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None, help='EMA weights (default: when present)')
+    f5.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
+                    help='EMA weights (default: when present)')
     f5.add_argument('--num_images', type=int, default=100, help='test images')
     f5.add_argument('--stride', type=int, default=1, help='every stride-th step (1: all T, exact)')
     f5.add_argument('--batch_size', type=int, default=100)

@@ -152,8 +152,9 @@ def respaced(model, steps):
     seq = ddim_timesteps(model.timesteps, steps)
     abar = torch.cumprod(1.0 - model.betas64, dim=0)[seq]
     betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return type(model)(OriginalSteps(model.network, seq, model.eps_outputs), variance=model.variance, image_shape=model.image_shape,
-                       loss=model.loss_type, betas=betas).to(model.betas.device)
+    network = OriginalSteps(model.network, seq, model.eps_outputs)
+    return type(model)(network, variance=model.variance, image_shape=model.image_shape, loss=model.loss_type,
+                       betas=betas).to(model.betas.device)
 
 
 def ddpm_step(model, x_t, t, step, generator, clip_denoised, cond=None):

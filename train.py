@@ -86,7 +86,7 @@ def train_ddpm(
     timesteps: int = 1000,            # T
     beta_start: float = 1e-4,         # beta_1 of the linear schedule
     beta_end: float = 0.02,           # beta_T of the linear schedule
-    variance: str = 'beta',           # 'beta' (the paper's) | 'posterior' (beta-tilde) | 'learned' (log sigma^2, Table 2) | 'learned_range' (= learn_sigma)
+    variance: str = 'beta',           # 'beta' (paper) | 'posterior' (beta-tilde) | 'learned' (log sigma^2) | 'learned_range'
     beta_schedule: str = 'linear',    # 'linear' (the paper's) | 'cosine' (Improved DDPM; ignores beta_start/end)
     learn_sigma: bool = False,        # the U-Net also outputs the reverse variance (Improved DDPM); needs a loss below
     loss: str = 'simple',             # 'simple' (the paper's L_simple) | 'hybrid' (+ 0.001 L_vlb) | 'vlb'

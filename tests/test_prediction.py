@@ -221,7 +221,8 @@ def test_min_snr_gamma_is_min_snr_weighted_x0_error_for_every_prediction(kind):
     a, sigma = col(np.sqrt(ABAR), STEPS), col(np.sqrt(1.0 - ABAR), STEPS)
     c1 = col(BETAS * np.sqrt(ABAR_PREV) / (1.0 - ABAR), STEPS)
     c2 = col((1.0 - ABAR_PREV) * np.sqrt(1.0 - BETAS) / (1.0 - ABAR), STEPS)
-    x_0_pred = {'eps': (x_t - sigma * out) / a, 'x0': out, 'v': a * x_t - sigma * out, 'mu': (out - c2 * x_t) / c1}[kind]
+    x_0_pred = {'eps': (x_t - sigma * out) / a, 'x0': out, 'v': a * x_t - sigma * out,
+                'mu': (out - c2 * x_t) / c1}[kind]
     snr = ABAR[STEPS.numpy()] / (1.0 - ABAR[STEPS.numpy()])
     expected = np.minimum(snr, 5.0) * (x_0_pred - x_0).pow(2).flatten(1).mean(1).numpy()
     np.testing.assert_allclose(loss.numpy(), expected, rtol=2e-3)

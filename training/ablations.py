@@ -93,7 +93,8 @@ def run_row(train_fn, name, options, train_options, out_dir):
         return None, {'diverged': True, 'why': str(e), 'train_seconds': round(time.time() - start, 1)}
     stats = getattr(model, 'train_stats', {})
     return model, {'diverged': False, 'steps': stats.get('step'), 'nan_skipped': stats.get('nan_skipped'),
-                   'train_seconds': round(time.time() - start, 1), 'checkpoint': os.path.join(folder, 'ddpm_latest.pth')}
+                   'train_seconds': round(time.time() - start, 1),
+                   'checkpoint': os.path.join(folder, 'ddpm_latest.pth')}
 
 
 def run_table2(train_fn, score, train_options, out_dir, rows=None, say=print):
