@@ -10,13 +10,15 @@ diverged, never dropped.
 Fixed isotropic Sigma is sigma_t^2 = beta_t here, the paper's CIFAR-10 choice (its section 4).
 """
 
+import hashlib
 import math
 import os
 import time
 
 import torch
 
-from fid import INCEPTION, extract_features, feature_statistics, frechet_distance, load_feature_extractor
+from fid import (INCEPTION, cached_statistics, extract_features, feature_statistics, frechet_distance,
+                 load_feature_extractor)
 
 # (name, DDPM options, the paper's (IS, IS std, FID) or None where its Table 2 says unstable)
 TABLE2_ROWS = (
@@ -49,9 +51,12 @@ def select_rows(names=None):
 
 
 def fid_scorer(train_images, weights, device='cpu'):
-    """score(samples uint8 [N, H, W, C]) -> FID against `train_images` (uint8 [N, H, W, C]); Inception once."""
+    """score(samples uint8 [N, H, W, C]) -> FID against `train_images` (uint8 [N, H, W, C]), whose statistics
+    are cached on disk by their content (fid.cached_statistics)."""
     extractor, fid_layer, _ = load_feature_extractor(INCEPTION, weights, device)
-    ref = feature_statistics(extract_features(train_images, extractor, 250, device, progress=False)[fid_layer])
+    ref_id = f'table2-{hashlib.sha256(train_images).hexdigest()[:12]}'
+    ref = cached_statistics(ref_id, train_images, extractor, fid_layer, device=device, progress=False,
+                            source=f'{len(train_images)} training images')[:2]
 
     def score(samples):
         features = extract_features(samples, extractor, 250, device, progress=False)[fid_layer]
