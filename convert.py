@@ -13,9 +13,10 @@ import argparse
 import os
 import sys
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from diffusers_io import save_diffusers
+from diffusion import model_from_checkpoint
 from runtime import HelpFormatter, OneLineErrorParser, run_cli
+from weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from weights.diffusers_format import save_diffusers
 
 
 def build_parser():

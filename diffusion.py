@@ -4,7 +4,7 @@
 schedule, the forward process q(x_t | x_0), the training objective L_simple, the
 reverse-process distribution p_theta(x_{t-1} | x_t) and the variational bound in
 bits/dim. The samplers that walk the reverse chain (the paper's Algorithm 2,
-DDIM, DPM-Solver++) are in samplers.py. A class-conditional network
+DDIM, DPM-Solver++) are in sampling/. A class-conditional network
 (`UNet(num_classes=...)`) adds classifier-free guidance (Ho & Salimans 2022,
 arXiv:2207.12598) at the one place the samplers get eps from: `network_outputs`.
 
@@ -14,8 +14,9 @@ reverse variances (`learn_sigma=True`, Eq. 15) and the hybrid / VLB objectives
 (`loss='hybrid'|'vlb'`, Eq. 16 and section 3.1). The paper's own ablations (its Table 2) are options
 too: what the network predicts (`prediction='eps'|'x0'|'mu'|'v'`, converted to eps in one place,
 `network_outputs`), a learned diagonal variance (`variance='learned'`) and the true bound as the loss;
-and Min-SNR-gamma loss weighting (`min_snr_gamma`, Hang et al. 2023). This module knows nothing of files, devices or
-command lines: checkpoints are checkpoint.py's, run-time choices runtime.py's.
+and Min-SNR-gamma loss weighting (`min_snr_gamma`, Hang et al. 2023). This module knows nothing of files,
+devices or command lines: checkpoint files are weights/'s, run-time choices runtime.py's; the architecture
+tables are model/presets.py's.
 
 Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
 paper's beta_1, `alphas_cumprod[t]` is a-bar_{t+1}, and the sampler's last
@@ -23,7 +24,6 @@ step (code t = 0) is the paper's t = 1, which adds no noise.
 """
 
 import importlib
-import inspect
 import math
 import warnings
 
@@ -31,11 +31,63 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import guidance
-import samplers
-from schedule import BETA_SCHEDULES, make_betas, schedule_buffers
-from losses import discretized_gaussian_log_likelihood, normal_kl  # noqa: F401 (also public here)
-from model.Blocks import UNet, build_unet
+import sampling.guidance as guidance
+import sampling.samplers as samplers
+import weights.checkpoint as checkpoint_files   # a module name: its names that once lived here still warn
+from metrics.likelihood import discretized_gaussian_log_likelihood, normal_kl  # noqa: F401 (also public here)
+from model.presets import (DDPM_OPTIONS, LEGACY_DEFAULTS, MODEL_OPTIONS, UNET_OPTIONS,  # noqa: F401 (public here)
+                           build_unet, model_kwargs)  # noqa: F401
+
+
+# ----- the noise schedule ------------------------------------------------------------------------
+# 'linear' is Ho et al. 2020's (beta_1 = 1e-4 .. beta_T = 0.02); 'cosine' is Improved DDPM's Eq. 17.
+# Everything is computed in float64 (1 - a-bar_t is tiny at small t); DDPM stores float32 buffers.
+
+BETA_SCHEDULES = ('linear', 'cosine')
+COSINE_S = 0.008        # the offset s of iDDPM Eq. 17 (keeps beta_1 from being tiny)
+MAX_BETA = 0.999        # iDDPM clips the cosine schedule's betas here: beta_T would be 1
+
+
+def make_betas(beta_schedule, timesteps, beta_start=1e-4, beta_end=0.02):
+    """The betas of a named schedule, float64 [T].
+
+    'linear': Ho et al.'s beta_start..beta_end. 'cosine': iDDPM Eq. 17,
+    a-bar_t = f(t) / f(0) with f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), so
+    beta_t = 1 - a-bar_t / a-bar_{t-1}, clipped at 0.999 (beta_start/beta_end unused).
+    """
+    if beta_schedule == 'linear':
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if beta_schedule == 'cosine':
+        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + COSINE_S) / (1 + COSINE_S)
+                      * math.pi / 2) ** 2
+        return (1.0 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
+    raise ValueError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
+
+
+def schedule_buffers(betas):
+    """Every per-step quantity the model uses, from float64 betas (float64 because 1 - a-bar_t is tiny at small t)."""
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # log beta-tilde_t; beta-tilde_1 = 0, so its log borrows beta-tilde_2 (beta_1 when T = 1).
+    first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
+    return {
+        'betas': betas,                                             # beta_t
+        'alphas': alphas,                                           # alpha_t = 1 - beta_t
+        'alphas_cumprod': alphas_cumprod,                           # a-bar_t = prod_{s<=t} alpha_s
+        'alphas_cumprod_prev': alphas_cumprod_prev,                 # a-bar_{t-1}, with a-bar_0 = 1
+        'sqrt_alphas_cumprod': alphas_cumprod.sqrt(),               # sqrt(a-bar_t)
+        'sqrt_one_minus_alphas_cumprod': (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - a-bar_t)
+        'sqrt_recip_alphas_cumprod': alphas_cumprod.rsqrt(),        # 1 / sqrt(a-bar_t)
+        'sqrt_recipm1_alphas_cumprod': (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / a-bar_t - 1)
+        'posterior_variance': posterior_variance,                   # beta-tilde_t, Eq. (7)
+        'posterior_log_variance_clipped': torch.log(torch.cat([first, posterior_variance[1:]])),
+        'log_betas': betas.log(),                                   # log beta_t, the upper end of iDDPM Eq. 15
+        # mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t, Eq. (7)
+        'posterior_mean_coef1': betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        'posterior_mean_coef2': (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+    }
 
 
 def mean_buffers(betas):
@@ -373,7 +425,7 @@ class DDPM(nn.Module):
                            guidance_scale=0.0):
         """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
-        See `sample` for the arguments; the samplers themselves are in samplers.py.
+        See `sample` for the arguments; the samplers themselves are in sampling/.
         """
         device = torch.device(device) if device is not None else self.betas.device
         labels = guidance.check_labels(labels, n, self.num_classes, device)
@@ -457,22 +509,11 @@ class DDPM(nn.Module):
         (written before the option existed) gets the old 'symmetric' padding.
         `path` may also be a diffusers UNet2DModel or DDPMPipeline folder.
         """
-        from checkpoint import load_checkpoint, model_from_checkpoint  # checkpoint.py builds on this module
-        return model_from_checkpoint(load_checkpoint(path, map_location=device), ema, device, source=path,
-                                     **model_options)
+        ckpt = checkpoint_files.load_checkpoint(path, map_location=device)
+        return model_from_checkpoint(ckpt, ema, device, source=path, **model_options)
 
 
 # ----- building and loading -------------------------------------------------------------------
-
-# The DDPM options a checkpoint's config carries; a config without one of them (an older
-# checkpoint) gets the default, which is the model it was trained as (linear, fixed variance, L_simple).
-DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance', 'beta_schedule', 'learn_sigma', 'loss',
-                'prediction', 'min_snr_gamma')
-UNET_OPTIONS = tuple(p for p in inspect.signature(UNet).parameters)
-# Options added after checkpoints had been written: a stored config without the key
-# was trained with this value, not with the new default.
-LEGACY_DEFAULTS = {'downsample_padding': 'symmetric'}
-
 
 def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
                         beta_schedule='linear', learn_sigma=False, loss='simple', prediction='eps', min_snr_gamma=None,
@@ -495,16 +536,17 @@ def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0
                 min_snr_gamma=min_snr_gamma)
 
 
-def model_kwargs(config):
-    """The subset of a run's config that `create_cifar10_ddpm` takes (None means: the arch's default)."""
-    keys = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()
-            if k in keys and v is not None}
+def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **model_options):
+    """DDPM.from_checkpoint for a checkpoint dict already in memory (weights.checkpoint.load_checkpoint's)."""
+    config, state_dict, advice = checkpoint_files.checkpoint_parts(ckpt, ema, **model_options)
+    model = create_cifar10_ddpm(**config)
+    checkpoint_files.load_model_state(model, state_dict, source=source, advice=advice)
+    return model.to(device)
 
 
-# Names that lived here before checkpoint.py and runtime.py existed; old imports keep working.
-MOVED = {name: 'checkpoint' for name in ('CheckpointError', 'load_checkpoint', 'save_checkpoint', 'clean_state_dict',
-                                         'load_model_state', 'model_from_checkpoint')}
+# Names that lived here before weights/ and runtime.py existed; old imports keep working.
+MOVED = {name: 'weights.checkpoint' for name in ('CheckpointError', 'load_checkpoint', 'save_checkpoint',
+                                                 'clean_state_dict', 'load_model_state')}
 MOVED.update({name: 'runtime' for name in ('resolve_device', 'cpu_has_native_bf16', 'amp_dtype', 'autocast',
                                            'use_channels_last', 'atomic_write', 'closest')})
 

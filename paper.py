@@ -17,10 +17,10 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import load_model
 from data.process_cifar import DATASETS, load_dataset
 from runtime import HelpFormatter, OneLineErrorParser, add_runtime_options, resolve_device, run_cli, write_json
-from samplers import SAMPLERS
+from sampling.generate import load_model
+from sampling.samplers import SAMPLERS
 
 
 def test_and_train_images(args, train_count):
@@ -42,8 +42,6 @@ def check_counts(args, names):
 
 
 def run_table2(args):
-    from evaluate import bits_per_dim
-    from sample import generate
     from train import train_ddpm
     from training.ablations import fid_scorer, format_table2, make_scorer, run_table2 as run_rows, select_rows
     select_rows(args.rows)   # an unknown row fails before any work
@@ -54,7 +52,7 @@ def run_table2(args):
     device = str(resolve_device(args.device))
     test, train = test_and_train_images(args, args.fid_ref_images if args.fid_samples else 0)
     fid_score = fid_scorer(train, args.fid_weights, device) if args.fid_samples else None
-    score = make_scorer(bits_per_dim, generate, test, fid_score, args.fid_samples, args.sampler, args.sample_steps,
+    score = make_scorer(test, fid_score, args.fid_samples, args.sampler, args.sample_steps,
                         args.seed, device)
     common = dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, max_steps=args.steps,
                   num_epochs=10 ** 6, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,

@@ -18,7 +18,7 @@ DEPENDENCIES = [
     ('tensorboard', 'tensorboard', 'training logs'),
     ('scipy', 'scipy', 'the Frechet distance in evaluate.py'),
     ('torch_fidelity', 'torch-fidelity', 'FID / IS in evaluate.py'),
-    ('safetensors', 'safetensors', 'diffusers folders (diffusers_io.py, convert.py)'),
+    ('safetensors', 'safetensors', 'diffusers folders (weights/diffusers_format.py, convert.py)'),
 ]
 
 
@@ -39,9 +39,8 @@ def main():
         return 1
 
     import torch
-    # The repo's own modules must import too; train.py decides the device.
-    for module in ('model.Blocks', 'losses', 'schedule', 'diffusion', 'samplers', 'checkpoint', 'runtime',
-                   'data.process_cifar', 'train', 'sample', 'evaluate', 'diffusers_io', 'convert'):
+    # The repo's own modules must import too (the entry points import the whole library); train.py decides the device.
+    for module in ('diffusion', 'train', 'sample', 'evaluate', 'convert'):
         importlib.import_module(module)
     from runtime import resolve_device
     device = resolve_device(None).type

@@ -3,7 +3,7 @@
 Every default lives once, in the signature of `train_ddpm`; the command line is
 generated from it, so `python train.py --num_epochs 1 --device cpu` and
 `train_ddpm(num_epochs=1, device='cpu')` are the same run. This file holds the
-options, their checks, resuming and the CLI; the loop itself is train_util.TrainLoop.
+options, their checks, resuming and the CLI; the loop itself is training.loop.TrainLoop.
 
 Under `torchrun --nproc_per_node=N train.py ...` the same code trains with
 DistributedDataParallel; batch_size is then the global batch, split across ranks.
@@ -21,12 +21,12 @@ import sys
 import torch
 import torch.distributed as torch_dist
 
-from checkpoint import CheckpointError, load_checkpoint
-from diffusion import (BETA_SCHEDULES, DDPM_OPTIONS, LEGACY_DEFAULTS, LOSSES, PREDICTIONS, UNET_OPTIONS, VARIANCES,
-                       check_model_options)
+from diffusion import BETA_SCHEDULES, LOSSES, PREDICTIONS, VARIANCES, check_model_options
+from model.presets import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS
 from runtime import AMP_CHOICES, DEFAULT_AMP, Distributed, OneLineErrorParser, closest, plain
-from samplers import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS
-from train_util import TrainLoop
+from sampling.samplers import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS
+from training.loop import TrainLoop
+from weights.checkpoint import CheckpointError, load_checkpoint
 
 
 def checked_options(fn):

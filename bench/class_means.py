@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402,F401  (puts the repository on sys.path)
 from common import print_table  # noqa: E402
 
-from checkpoint import load_model  # noqa: E402
 from data.process_cifar import load_dataset, to_model_range  # noqa: E402
+from sampling.generate import load_model  # noqa: E402
 
 
 def class_means(data_dir, image_size, num_classes):

@@ -5,7 +5,7 @@ of tests/test_fid.py and the README.
 
 Draws --per_split random training and test images (numpy seeds 1 and 2) and 100
 uniform-noise images (seed 3), extracts their 2048-d features once with the
-TorchScript Inception port converted into torch-fidelity's network (fid.py),
+TorchScript Inception port converted into torch-fidelity's network (metrics/fid.py),
 then scores random subsets of n training images against n test images, several
 draws per n, and noise against n test images. The features are kept in
 --features, so a second run only recomputes the FIDs.
@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from fid import extract_features, feature_statistics, frechet_distance, load_feature_extractor  # noqa: E402
+from metrics.fid import extract_features, feature_statistics, frechet_distance, load_feature_extractor  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(common.ROOT), 'shared', 'data')
 

@@ -6,7 +6,7 @@ default log-SNR steps, also with the predicted x_0 clipped to [-1, 1] at every
 step as DDIM does; on request DDIM without that clipping) it draws --num_samples images with sample.py's code
 (same seeds for every setting, so the deterministic samplers start from the
 same x_T; network in bf16 where native, --amp), times them, and scores them
-with the offline FID (fid.py: NVIDIA's TorchScript Inception converted into
+with the offline FID (metrics/fid.py: NVIDIA's TorchScript Inception converted into
 torch-fidelity's network) against --ref_images training images of the offline
 CIFAR-10 JPEG copy. The FID of --num_samples held-out test images against the
 same reference is printed too: FID at this sample size is biased upwards, and
@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from fid import cached_statistics, image_metrics, load_feature_extractor  # noqa: E402
+from metrics.fid import cached_statistics, image_metrics, load_feature_extractor  # noqa: E402
 from runtime import file_sha256, keep_freed_memory, read_json  # noqa: E402
-from sample import sample_checkpoint  # noqa: E402
+from sampling.generate import sample_checkpoint  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(common.ROOT), 'shared', 'data')
 # (name, sampler, spacing, clip_denoised); None: the sampler's own (ddpm: uniform respacing, it takes no spacing;

@@ -15,7 +15,7 @@ networks and optimiser recipes under one diffusion. Every variant trains in the
 same precision (bf16 autocast on CPUs with native bf16, as our train.py does) with
 random horizontal flips.
 
-FID: the 2048-d Inception features (fid.py; --inception_weights, by default the
+FID: the 2048-d Inception features (metrics/fid.py; --inception_weights, by default the
 TorchScript port in ../shared/data) of the samples against those of --ref_images
 training images. With a few hundred or thousand samples FID is biased upwards
 (by about 20 at 2.5k vs 2.5k on this data, more with fewer): compare rows of one
@@ -40,11 +40,11 @@ from common import ROOT  # noqa: E402
 
 from data.process_cifar import to_model_range  # noqa: E402
 from diffusion import DDPM, create_cifar10_ddpm  # noqa: E402
-from evaluate import bits_per_dim  # noqa: E402
-from fid import cached_statistics, extract_features, feature_statistics, frechet_distance  # noqa: E402
-from fid import load_feature_extractor  # noqa: E402
+from metrics.bpd import bits_per_dim  # noqa: E402
+from metrics.fid import cached_statistics, extract_features, feature_statistics, frechet_distance  # noqa: E402
+from metrics.fid import load_feature_extractor  # noqa: E402
 from runtime import amp_dtype, autocast, keep_freed_memory  # noqa: E402
-from sample import generate  # noqa: E402
+from sampling.generate import generate  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import pick_device, print_table  # noqa: E402
 
-from checkpoint import load_model  # noqa: E402
+from sampling.generate import load_model  # noqa: E402
 
 # (name, sampler, spacing): the DDIM paper's two step sequences and DPM-Solver++(2M) on its default one
 # (uniform in log-SNR) and on DDIM's quadratic one.

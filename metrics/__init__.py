@@ -1,1 +1,1 @@
-"""Metrics of samples and models (rate_distortion.py: the paper's Fig. 5)."""
+"""Metrics: FID / Inception features, the discretised likelihood, bits/dim, rate-distortion (Fig. 5)."""

@@ -18,21 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Named configurations for `UNet(arch=...)` / `create_cifar10_ddpm(arch=...)`.
-ARCHS = {
-    # A compact default that trains in hours on one GPU.
-    'base': dict(channels=(64, 128, 256), num_res_blocks=2, time_emb_dim=128,
-                 attn_resolutions=(16, 8), num_heads=4, dropout=0.1),
-    # A small net for CPU demos and smoke runs: trains in minutes on a laptop.
-    'tiny': dict(channels=(32, 64, 128), num_res_blocks=1, time_emb_dim=128,
-                 attn_resolutions=(8,), num_heads=4, dropout=0.0),
-    # The paper's CIFAR-10 network: ch=128, ch_mult=(1, 2, 2, 2), attention at
-    # 16x16, dropout 0.1, time embedding 4 * ch; 35.7M parameters.
-    'ddpm-paper': dict(channels=(128, 256, 256, 256), num_res_blocks=2, time_emb_dim=512,
-                       attn_resolutions=(16,), num_heads=1, dropout=0.1),
-}
-
-
 def group_norm(channels):
     """GroupNorm with 32 groups (the paper's choice), fewer for narrow test nets.
 
@@ -334,10 +319,3 @@ class UNet(nn.Module):
         for block in self.up:
             h = block(h, skips, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def build_unet(arch='base', **overrides):
-    """A UNet from a named configuration in ARCHS, with any keyword overridden."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    return UNet(**{**ARCHS[arch], **overrides})

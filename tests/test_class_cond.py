@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 import sample
-from checkpoint import CheckpointError, save_checkpoint
+import sampling.generate as generation
 from data.process_cifar import InMemoryLoader, load_dataset, to_model_range
 from diffusion import DDPM, create_cifar10_ddpm
-from sample_store import meta_difference, run_meta
-from timestep_sampler import stream_seed
+from sampling.guidance import drop_labels
+from sampling.store import meta_difference, run_meta
 from train import train_ddpm
-from guidance import drop_labels
+from training.timestep_sampler import stream_seed
+from weights.checkpoint import CheckpointError, save_checkpoint
 
 from conftest import TINY_TRAIN, assert_same_tensors, load, make_image_folder
 
@@ -188,10 +189,10 @@ def test_sample_py_class_label_by_name_and_all_classes(cond_run, tmp_path, capsy
                            '--guidance_scale', '1'], capsys)
     with np.load(npz) as data:
         assert code == 0 and data['arr_0'].shape == (3, 16, 16, 3) and data['labels'].tolist() == [0, 0, 0]
-    by_index = sample.sample_checkpoint(path, 3, sampler='dpm-solver', steps=3, class_label=0, guidance_scale=1,
+    by_index = generation.sample_checkpoint(path, 3, sampler='dpm-solver', steps=3, class_label=0, guidance_scale=1,
                                         device='cpu', progress=False)
     assert np.array_equal(by_index, np.load(npz)['arr_0'])
-    dogs = sample.sample_checkpoint(path, 3, sampler='dpm-solver', steps=3, class_label='dog', guidance_scale=1,
+    dogs = generation.sample_checkpoint(path, 3, sampler='dpm-solver', steps=3, class_label='dog', guidance_scale=1,
                                     device='cpu', progress=False)
     assert not np.array_equal(dogs, by_index)
     grid = str(tmp_path / 'all.png')
@@ -231,13 +232,13 @@ def test_run_meta_keeps_runs_with_other_labels_or_guidance_apart(cond_run):
 
 
 def test_diffusers_export_refuses_a_conditional_model(cond_run, tmp_path):
-    from diffusers_io import save_diffusers
+    from weights.diffusers_format import save_diffusers
     with pytest.raises(CheckpointError, match='class-conditional'):
         save_diffusers(DDPM.from_checkpoint(cond_run[1]), str(tmp_path / 'out'))
 
 
 def test_grid_order_puts_each_class_in_its_own_row():
-    from guidance import class_grid_order, cycled_labels
+    from sampling.guidance import class_grid_order, cycled_labels
     labels = cycled_labels(7, 3)   # 0 1 2 0 1 2 0: class 0 has one sample more than fits a row
     order, nrow = class_grid_order(labels, 3)
     assert nrow == 2 and order.tolist() == [0, 3, 1, 4, 2, 5]

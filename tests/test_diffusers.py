@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import convert
-import diffusers_io
 import evaluate
 import sample
-from checkpoint import CheckpointError, load_checkpoint
+import weights.diffusers_format as diffusers_io
 from diffusion import DDPM, create_cifar10_ddpm
+from weights.checkpoint import CheckpointError, load_checkpoint
 
 # google/ddpm-cifar10-32's UNet2DModel config, key for key.
 CIFAR10_32 = dict(

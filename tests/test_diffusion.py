@@ -554,7 +554,7 @@ def clipped_inputs(step, seed=0):
 def test_clipped_ancestral_step_is_eq7_of_the_clipped_x0(step):
     """Algorithm 2 as the paper's code runs it: x_0 = clip(x_0_pred), then x_{t-1} = mu-tilde_t(x_t, x_0) +
     sqrt(beta_t) z, with mu-tilde_t from Eq. (7)."""
-    import samplers
+    import sampling.samplers as samplers
     betas, alphas, abar, abar_prev = np_schedule()
     x_t, eps, x_0 = clipped_inputs(step)
     model = DDPM(Recorder(lambda x, t: eps), image_shape=(3, 4, 4))
@@ -572,7 +572,7 @@ def test_clipped_ancestral_step_is_eq7_of_the_clipped_x0(step):
 def test_clipped_ddim_step_uses_the_eps_of_the_clipped_x0(step, prev, eta):
     """DDIM Eq. (12) with x_0 clipped: the direction term uses the eps that the clipped x_0 implies,
     eps' = (x_t - sqrt(a-bar_t) x_0) / sqrt(1 - a-bar_t), as in the DDIM code (prev = -1: a-bar = 1)."""
-    import samplers
+    import sampling.samplers as samplers
     _, _, abar, _ = np_schedule()
     x_t, eps, x_0 = clipped_inputs(step, seed=1)
     model = DDPM(Recorder(lambda x, t: eps), image_shape=(3, 4, 4))
@@ -596,7 +596,7 @@ def test_decoder_bins_are_the_exact_gaussian_integrals_within_the_tanh_error():
     (a difference of two CDF values) may be off by twice that, and no more."""
     from scipy.stats import norm
 
-    from losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood
+    from metrics.likelihood import approx_standard_normal_cdf, discretized_gaussian_log_likelihood
     z = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
     cdf_error = float((approx_standard_normal_cdf(z) - torch.from_numpy(norm.cdf(z.numpy()))).abs().max())
     assert cdf_error < 1.8e-4

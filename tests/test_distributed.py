@@ -254,8 +254,8 @@ def test_sharded_sampling_equals_one_process(runs):
     if not runs['have_sampler']:
         pytest.skip('sample.py is not in this checkout')
     import numpy as np
-    import sample
-    one = sample.sample_checkpoint(os.path.join(runs['one4'], 'ddpm_latest.pth'), num_samples=5, batch_size=2,
+    import sampling.generate as generation
+    one = generation.sample_checkpoint(os.path.join(runs['one4'], 'ddpm_latest.pth'), num_samples=5, batch_size=2,
                                    sampler='ddim', steps=2, seed=7, device='cpu', progress=False)
     two = np.load(runs['driver'] / 'sample.npy')
     assert one.shape == two.shape == (5, 16, 16, 3)
@@ -283,7 +283,7 @@ def _driver(jobs_path):
 
 
 def _run_jobs(jobs, out_dir, rank, train):
-    import train_util
+    import training.loop as train_util
     for job in jobs:
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in job['kwargs'].items()}
         if rank != 0:
@@ -307,8 +307,8 @@ def _run_jobs(jobs, out_dir, rank, train):
                 json.dump(result, f)
         elif job['kind'] == 'sample':
             import numpy as np
-            import sample
-            images = sample.sample_checkpoint(**kw)
+            import sampling.generate as generation
+            images = generation.sample_checkpoint(**kw)
             if rank == 0:
                 np.save(os.path.join(out_dir, f'{job["name"]}.npy'), images)
 

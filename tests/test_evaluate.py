@@ -1,4 +1,5 @@
-"""evaluate.py and fid.py: FID / IS glue, the Frechet distance, and bits/dim by the variational bound (CPU, no network)."""
+"""evaluate.py, metrics/fid.py and metrics/bpd.py: FID / IS glue, the Frechet distance, and bits/dim by the
+variational bound (CPU, no network)."""
 import json
 import math
 import os
@@ -11,12 +12,12 @@ import scipy.linalg
 import torch
 from torch.distributions import Normal, kl_divergence
 
-import checkpoint
 import evaluate
-import fid
-import sample
-from checkpoint import save_checkpoint
+import metrics.bpd as bpd
+import metrics.fid as fid
+import sampling.generate as generation
 from diffusion import create_cifar10_ddpm, discretized_gaussian_log_likelihood
+from weights.checkpoint import save_checkpoint
 from tiny_extractor import TINY, registered_tiny_extractor, smooth_images  # noqa: F401 (an autouse fixture)
 
 SIZE = 8
@@ -164,7 +165,7 @@ def test_cli_fid_of_a_checkpoint_samples_once(tmp_path, monkeypatch, capsys):
     npz = tmp_path / 'ddpm_latest.samples-ema-ddim3-eta0-seed0-auto.npz'
     assert npz.exists() and np.load(npz)['arr_0'].shape == (20, SIZE, SIZE, 3)
     calls = []
-    monkeypatch.setattr(sample, 'sample_batch', lambda *a, **k: calls.append(a) or pytest.fail('resampled'))
+    monkeypatch.setattr(generation, 'sample_batch', lambda *a, **k: calls.append(a) or pytest.fail('resampled'))
     assert evaluate.main(args) == 0
     assert calls == []
     data = json.loads((tmp_path / 'ddpm_latest.eval.json').read_text())
@@ -280,8 +281,8 @@ def test_the_decoder_sums_to_one_over_the_256_bins(mean, log_scale):
 def test_exact_bound_and_estimate_agree_within_their_error():
     model = tiny_model(20)
     images = smooth_images(24, seed=6)
-    exact = evaluate.bits_per_dim(model, images, 'exact', batch_size=12, seed=0, progress=False)
-    estimate = evaluate.bits_per_dim(model, images, 'estimate', t_samples=4, batch_size=12, seed=1, progress=False)
+    exact = bpd.bits_per_dim(model, images, 'exact', batch_size=12, seed=0, progress=False)
+    estimate = bpd.bits_per_dim(model, images, 'estimate', t_samples=4, batch_size=12, seed=1, progress=False)
     combined = math.hypot(exact['bpd_stderr'], estimate['bpd_stderr'])
     assert abs(exact['bpd'] - estimate['bpd']) < 3 * combined, (exact, estimate)
     assert 0 < exact['bpd_stderr'] < estimate['bpd_stderr']
@@ -290,7 +291,7 @@ def test_exact_bound_and_estimate_agree_within_their_error():
     assert exact['bpd'] == pytest.approx(exact['prior_bpd'] + sum(exact['terms_bpd']))
     assert exact['terms_bpd'][0] == pytest.approx(exact['decoder_bpd'])
     # Both are reproducible given the seed.
-    again = evaluate.bits_per_dim(model, images, 'estimate', t_samples=4, batch_size=12, seed=1, progress=False)
+    again = bpd.bits_per_dim(model, images, 'estimate', t_samples=4, batch_size=12, seed=1, progress=False)
     assert again['bpd'] == estimate['bpd']
 
 
@@ -330,10 +331,10 @@ def test_bpd_clips_x0_by_default_as_the_papers_code_and_records_it(tmp_path, cap
     results = {e['options']['clip_denoised']: e['results'] for e in
                json.loads((tmp_path / 'ddpm_epoch_1.eval.json').read_text()).values()}
     assert results[True]['clip_denoised'] is True and results[False]['clip_denoised'] is False
-    model = checkpoint.load_model(ckpt, device="cpu")[0]
+    model = generation.load_model(ckpt, device="cpu")[0]
     images = np.load(data)['arr_0']
     for clip in (True, False):
-        direct = evaluate.bits_per_dim(model, images, 'exact', batch_size=250, seed=0, progress=False,
+        direct = bpd.bits_per_dim(model, images, 'exact', batch_size=250, seed=0, progress=False,
                                        clip_denoised=clip)
         assert results[clip]['bpd'] == pytest.approx(direct['bpd'], rel=1e-9)
     assert results[True]['bpd'] != results[False]['bpd']
@@ -343,7 +344,7 @@ def test_bpd_clips_x0_by_default_as_the_papers_code_and_records_it(tmp_path, cap
 def test_bad_samples_fail_before_the_inception_network_is_looked_for(tmp_path, monkeypatch, capsys, kind):
     """The cheap checks of the inputs come first: a text file or float images get their own one-line error,
     not the message about missing Inception weights (which would send the user to download 90 MB)."""
-    import fid
+    import metrics.fid as fid
     monkeypatch.setattr(evaluate, 'load_feature_extractor', lambda *a, **k: pytest.fail('Inception loaded first'))
     monkeypatch.setattr(fid, 'load_feature_extractor', lambda *a, **k: pytest.fail('Inception loaded first'))
     if kind == 'text':

@@ -1,4 +1,4 @@
-"""fid.py and inception.py: NVIDIA's TorchScript Inception port, its conversion into torch-fidelity's
+"""metrics/fid.py and metrics/inception.py: NVIDIA's TorchScript Inception port, its conversion into torch-fidelity's
 network, the two TF1-style resizes, and FID on real photos against measured values.
 
 The tests marked `real` need ../shared/data/inception-2015-12-05-nv.pt (next to the checkout; CI has it)
@@ -16,8 +16,8 @@ import scipy.linalg
 import torch
 
 import evaluate
-import fid
-import inception
+import metrics.fid as fid
+import metrics.inception as inception
 from conftest import ROOT
 
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from conftest import TINY_TRAIN, load, make_image_folder
 from diffusion import DDPM, HYBRID_LAMBDA, create_cifar10_ddpm
-from samplers import ddim_timesteps, respaced
+from sampling.samplers import ddim_timesteps, respaced
 
 S, T = 0.008, 1000
 
@@ -214,7 +214,7 @@ def test_hybrid_vlb_term_does_not_train_the_mean():
 
 def test_bits_per_dim_uses_the_learned_variance():
     """nu = -1 is beta-tilde: the learned model's bits/dim equal the variance='posterior' model's."""
-    from evaluate import bits_per_dim
+    from metrics.bpd import bits_per_dim
     images = (np.random.default_rng(0).random((3, 4, 4, 3)) * 255).astype(np.uint8)
     kwargs = dict(mode='exact', batch_size=3, progress=False)
     learned = bits_per_dim(DDPM(EpsNu(nu=-1.0), timesteps=20, learn_sigma=True, loss='hybrid',
@@ -319,7 +319,7 @@ def test_options_train_sample_and_rebuild_from_the_checkpoint(tmp_path):
     for key in ('beta_schedule', 'learn_sigma', 'loss'):
         del ckpt['config'][key]
     ckpt['config']['learn_sigma'] = None   # also: a None value means the default
-    from checkpoint import model_from_checkpoint
+    from diffusion import model_from_checkpoint
     with pytest.raises(Exception, match='wrong shape'):   # the 6-channel weights do not fit the 3-channel model
         model_from_checkpoint(ckpt)
     old = create_cifar10_ddpm(**{k: v for k, v in dict(channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,),
@@ -333,7 +333,7 @@ def test_options_train_sample_and_rebuild_from_the_checkpoint(tmp_path):
 # ----- importance sampling of t, iDDPM section 3.3 -------------------------------------------
 
 def test_importance_sampler_is_uniform_until_full_then_sqrt_mean_square():
-    from timestep_sampler import ImportanceSampler
+    from training.timestep_sampler import ImportanceSampler
     sampler = ImportanceSampler(4)
     rng = np.random.default_rng(0)
     losses = {t: list(rng.random(12) * (t + 1)) for t in range(4)}

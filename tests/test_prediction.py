@@ -125,7 +125,7 @@ def test_training_target_is_the_exact_predictors_value_without_noise_in_the_data
 
 def test_respaced_chain_reads_a_mu_prediction_at_the_original_step():
     """mu-tilde belongs to one original step: on a respaced chain the exact mu and eps predictors agree."""
-    from samplers import respaced
+    from sampling.samplers import respaced
     x_t = draw_x_t(torch.arange(10))[1].float()
     i = torch.arange(10)
     means = [respaced(DDPM(Oracle(kind), prediction=kind, image_shape=SHAPE), 10).p_mean_variance(
@@ -278,7 +278,7 @@ def test_each_prediction_trains_is_rebuilt_and_samples_with_every_sampler(tmp_pa
 
 
 def test_an_old_checkpoint_config_is_an_eps_model():
-    from checkpoint import model_from_checkpoint
+    from diffusion import model_from_checkpoint
     old = create_cifar10_ddpm(channels=(16, 32), num_res_blocks=1, attn_resolutions=(8,), time_emb_dim=32,
                               image_size=16, timesteps=50)
     config = dict(channels=[16, 32], num_res_blocks=1, attn_resolutions=[8], time_emb_dim=32, image_size=16,

@@ -24,10 +24,10 @@ import pytest
 import torch
 
 import train
-import train_util
-from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, load_model_state, save_checkpoint
+import training.loop as train_util
 from diffusion import DDPM, create_cifar10_ddpm
 from train import train_ddpm
+from weights.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, load_model_state, save_checkpoint
 from conftest import ROOT, TINY_TRAIN, TRAIN_SIZE, assert_same_tensors, load, make_image_folder
 
 SIZE, TINY = TRAIN_SIZE, TINY_TRAIN

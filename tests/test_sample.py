@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 import sample
-from checkpoint import save_checkpoint
+import sampling.generate as generation
+from data.process_cifar import to_uint8
 from diffusion import DDPM, create_cifar10_ddpm
+from weights.checkpoint import save_checkpoint
 
 from conftest import ROOT
 
@@ -54,23 +56,23 @@ def run_main(args, capsys=None):
 
 
 def test_same_seed_same_images_other_seed_different(ckpt):
-    a = sample.sample_checkpoint(ckpt, 6, batch_size=4, seed=0, device='cpu', progress=False)
-    b = sample.sample_checkpoint(ckpt, 6, batch_size=4, seed=0, device='cpu', progress=False)
-    c = sample.sample_checkpoint(ckpt, 6, batch_size=4, seed=1, device='cpu', progress=False)
+    a = generation.sample_checkpoint(ckpt, 6, batch_size=4, seed=0, device='cpu', progress=False)
+    b = generation.sample_checkpoint(ckpt, 6, batch_size=4, seed=0, device='cpu', progress=False)
+    c = generation.sample_checkpoint(ckpt, 6, batch_size=4, seed=1, device='cpu', progress=False)
     assert a.dtype == np.uint8 and a.shape == (6, SIZE, SIZE, 3)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
     # DDIM with eta = 0 is deterministic given x_T, and still depends on the seed.
-    d = sample.sample_checkpoint(ckpt, 4, batch_size=4, sampler='ddim', steps=3, seed=0, device='cpu', progress=False)
-    e = sample.sample_checkpoint(ckpt, 4, batch_size=4, sampler='ddim', steps=3, seed=0, device='cpu', progress=False)
+    d = generation.sample_checkpoint(ckpt, 4, batch_size=4, sampler='ddim', steps=3, seed=0, device='cpu', progress=False)
+    e = generation.sample_checkpoint(ckpt, 4, batch_size=4, sampler='ddim', steps=3, seed=0, device='cpu', progress=False)
     assert np.array_equal(d, e) and not np.array_equal(d, a[:4])
 
 
 def test_a_batch_does_not_depend_on_what_ran_before(ckpt):
-    model, _ = sample.load_model(ckpt, device='cpu')
-    run = sample.generate(model, 10, batch_size=4, seed=3, device='cpu', progress=False)
-    assert [len(run[i:i + 4]) for i in (0, 4, 8)] == sample.batch_counts(10, 4) == [4, 4, 2]
-    alone = sample.sample_batch(model, 2, 2, seed=3, device='cpu')
+    model, _ = generation.load_model(ckpt, device='cpu')
+    run = generation.generate(model, 10, batch_size=4, seed=3, device='cpu', progress=False)
+    assert [len(run[i:i + 4]) for i in (0, 4, 8)] == generation.batch_counts(10, 4) == [4, 4, 2]
+    alone = generation.sample_batch(model, 2, 2, seed=3, device='cpu')
     assert np.array_equal(run[8:], alone)
 
 
@@ -97,7 +99,7 @@ def test_grid_npz_and_png_outputs(ckpt, tmp_path, capsys):
     assert meta['shape'] == [5, SIZE, SIZE, 3]
     assert not os.path.exists(f'{npz}.parts'), 'parts are removed once the .npz is complete'
     # The same images as the library call: nothing depends on the output options.
-    assert np.array_equal(images, sample.sample_checkpoint(ckpt, 5, batch_size=2, device='cpu', progress=False))
+    assert np.array_equal(images, generation.sample_checkpoint(ckpt, 5, batch_size=2, device='cpu', progress=False))
 
 
 def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, capsys):
@@ -105,7 +107,7 @@ def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, c
     reference = tmp_path / 'reference.npz'
     assert run_main([*args, '--npz', str(reference)])[0] == 0
 
-    real = sample.sample_batch
+    real = generation.sample_batch
     calls = []
 
     def interrupted_after_two(model, index, *a, **k):
@@ -115,7 +117,7 @@ def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, c
         return real(model, index, *a, **k)
 
     npz = tmp_path / 'run.npz'
-    monkeypatch.setattr(sample, 'sample_batch', interrupted_after_two)
+    monkeypatch.setattr(generation, 'sample_batch', interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_main([*args, '--npz', str(npz)])
     parts = f'{npz}.parts'
@@ -123,7 +125,7 @@ def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, c
     assert not npz.exists()
 
     # Other options must not be mixed into the partial run.
-    monkeypatch.setattr(sample, 'sample_batch', real)
+    monkeypatch.setattr(generation, 'sample_batch', real)
     code, out = run_main([*args[:-2], '--seed', '6', '--npz', str(npz)], capsys)
     assert code == 2
     assert out.err.startswith('error: ') and 'other options' in out.err and 'seed: 5 then, 6 now' in out.err
@@ -138,7 +140,7 @@ def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, c
         calls.append(index)
         return real(model, index, *a, **k)
 
-    monkeypatch.setattr(sample, 'sample_batch', counted)
+    monkeypatch.setattr(generation, 'sample_batch', counted)
     assert run_main([*args, '--npz', str(npz)])[0] == 0
     assert calls == [2], 'only the missing batch is sampled'
     with np.load(npz) as a, np.load(reference) as b:
@@ -149,40 +151,40 @@ def test_interrupted_run_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch, c
     calls.clear()
     assert run_main([*args, '--npz', str(npz)])[0] == 0
     assert calls == []
-    eight = sample.sample_checkpoint(ckpt, 8, batch_size=4, seed=5, device='cpu', npz=str(npz), progress=False)
+    eight = generation.sample_checkpoint(ckpt, 8, batch_size=4, seed=5, device='cpu', npz=str(npz), progress=False)
     assert calls == [] and np.array_equal(eight, np.load(reference)['arr_0'][:8])
 
 
 def test_ema_weights_by_default_and_checkpoint_without_ema(ckpt, ckpt_no_ema, capsys):
-    default = sample.sample_checkpoint(ckpt, 3, batch_size=3, device='cpu', progress=False)
-    ema = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=True, device='cpu', progress=False)
-    raw = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=False, device='cpu', progress=False)
+    default = generation.sample_checkpoint(ckpt, 3, batch_size=3, device='cpu', progress=False)
+    ema = generation.sample_checkpoint(ckpt, 3, batch_size=3, ema=True, device='cpu', progress=False)
+    raw = generation.sample_checkpoint(ckpt, 3, batch_size=3, ema=False, device='cpu', progress=False)
     assert np.array_equal(default, ema) and not np.array_equal(ema, raw)
     # Independently: the EMA model from the checkpoint with batch 0's generator (in fp32, which
     # sample_checkpoint's amp='auto' is not on CPUs with native bf16).
-    fp32 = sample.sample_checkpoint(ckpt, 3, batch_size=3, ema=True, device='cpu', progress=False, amp='fp32')
+    fp32 = generation.sample_checkpoint(ckpt, 3, batch_size=3, ema=True, device='cpu', progress=False, amp='fp32')
     model = DDPM.from_checkpoint(ckpt, ema=True)
-    x = model.sample(3, generator=torch.Generator().manual_seed(sample.batch_seed(0, 0)), progress=False)
-    assert np.array_equal(sample.to_uint8(x).permute(0, 2, 3, 1).numpy(), fp32)
+    x = model.sample(3, generator=torch.Generator().manual_seed(generation.batch_seed(0, 0)), progress=False)
+    assert np.array_equal(to_uint8(x).permute(0, 2, 3, 1).numpy(), fp32)
 
-    images = sample.sample_checkpoint(ckpt_no_ema, 3, batch_size=3, device='cpu', progress=False)
+    images = generation.sample_checkpoint(ckpt_no_ema, 3, batch_size=3, device='cpu', progress=False)
     assert images.shape == (3, SIZE, SIZE, 3)
-    assert np.array_equal(images, sample.sample_checkpoint(ckpt_no_ema, 3, batch_size=3, ema=False, device='cpu',
+    assert np.array_equal(images, generation.sample_checkpoint(ckpt_no_ema, 3, batch_size=3, ema=False, device='cpu',
                                                            progress=False))
     code, out = run_main(['--checkpoint', ckpt_no_ema, '--ema', '--num_samples', '2'], capsys)
     assert code == 2 and 'has no EMA weights' in out.err and '--no-ema' in out.err
 
 
 def test_trajectory_shows_the_chain(ckpt, tmp_path, capsys):
-    model, _ = sample.load_model(ckpt, device='cpu')
-    ts, frames = sample.trajectory(model, 3, seed=2, progress=False)
+    model, _ = generation.load_model(ckpt, device='cpu')
+    ts, frames = generation.trajectory(model, 3, seed=2, progress=False)
     assert ts == list(range(TIMESTEPS, -1, -1))            # T = 10: every state fits in 11 columns
     assert frames.shape == (3, 11, SIZE, SIZE, 3) and frames.dtype == np.uint8
-    assert np.array_equal(frames[:, -1], sample.sample_batch(model, 0, 3, seed=2))
-    x_T = torch.randn((3, *model.image_shape), generator=torch.Generator().manual_seed(sample.batch_seed(2, 0)))
-    assert np.array_equal(frames[:, 0], sample.to_uint8(x_T.clamp(-1, 1)).permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(frames[:, -1], generation.sample_batch(model, 0, 3, seed=2))
+    x_T = torch.randn((3, *model.image_shape), generator=torch.Generator().manual_seed(generation.batch_seed(2, 0)))
+    assert np.array_equal(frames[:, 0], to_uint8(x_T.clamp(-1, 1)).permute(0, 2, 3, 1).numpy())
 
-    ts, frames = sample.trajectory(model, 2, sampler='ddim', steps=4, progress=False)
+    ts, frames = generation.trajectory(model, 2, sampler='ddim', steps=4, progress=False)
     assert ts[0] == TIMESTEPS and ts[-1] == 0 and len(ts) == 5 and frames.shape[1] == 5
 
     path = tmp_path / 'chain.png'
@@ -215,7 +217,7 @@ def test_torchrun_two_processes_give_the_one_process_images(ckpt, tmp_path):
            '--eta', '1', '--npz', str(npz), '--device', 'cpu', '--quiet']
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = sample.sample_checkpoint(ckpt, 7, batch_size=2, sampler='ddim', steps=4, eta=1.0, device='cpu',
+    single = generation.sample_checkpoint(ckpt, 7, batch_size=2, sampler='ddim', steps=4, eta=1.0, device='cpu',
                                       progress=False)
     with np.load(npz) as data:
         assert np.array_equal(data['arr_0'], single)
@@ -226,9 +228,9 @@ def test_clip_denoised_is_an_option_of_every_sampler_and_part_of_a_runs_identity
     """--clip_denoised / --no-clip_denoised override the sampler's default (ddpm and ddim clip the predicted x_0,
     dpm-solver does not) and give DDPM.sample's images with that setting; the run's metadata records the
     resolved value, and runs recorded before the option existed had their sampler's default."""
-    from sample_store import meta_difference
-    from sample import batch_seed, to_uint8
-    model, _ = sample.load_model(ckpt, device='cpu')
+    from sampling.store import meta_difference
+    from sampling.generate import batch_seed
+    model, _ = generation.load_model(ckpt, device='cpu')
     for sampler, default in (('ddim', True), ('dpm-solver', False), ('ddpm', True)):
         npz = {flag: tmp_path / f'{sampler}-{flag}.npz' for flag in ('default', 'on', 'off')}
         base = ['--checkpoint', ckpt, '--num_samples', '3', '--batch_size', '3', '--sampler', sampler,
@@ -258,7 +260,7 @@ def test_dpm_solver_runs_record_their_spacing_and_refuse_to_mix(ckpt, tmp_path, 
     """sample.py --sampler dpm-solver --steps K writes its sampler, steps and spacing into the run's metadata;
     a partial run is continued only with the same spacing; runs recorded before spacing existed were
     uniform DDIM; --steps 0, steps above T and DDIM noise for dpm-solver are one-line errors."""
-    from sample_store import meta_difference
+    from sampling.store import meta_difference
     npz = tmp_path / 'dpm.npz'
     args = ['--checkpoint', ckpt, '--num_samples', '4', '--batch_size', '2', '--sampler', 'dpm-solver',
             '--steps', '3', '--npz', str(npz)]

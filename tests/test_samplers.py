@@ -1,4 +1,4 @@
-"""Tests of the fast samplers in samplers.py: DPM-Solver++(2M) and the step spacings.
+"""Tests of the fast samplers in sampling/samplers.py: DPM-Solver++(2M) and the step spacings.
 
 The solvers are measured against the probability-flow ODE's exact solution for
 Gaussian data, with the exact noise predictor (test_diffusion.IdealGaussianEps,
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import samplers
+import sampling.samplers as samplers
 from diffusion import DDPM
-from samplers import spaced_timesteps
+from sampling.samplers import spaced_timesteps
 from test_diffusion import MU, S, T, IdealGaussianEps, Recorder, np_schedule
 
 

@@ -329,7 +329,7 @@ def test_fp16_scaler_state_is_saved_and_resume_is_exact(tmp_path, images16):
 def test_fp16_overflow_steps_are_the_scalers_not_nan_failures(tmp_path, images16, monkeypatch):
     """A loss scale too large for fp16 overflows the gradients: each such step is skipped, the scale is
     halved, and the run neither counts them as NaN steps nor stops after MAX_BAD_STEPS of them."""
-    import train_util
+    import training.loop as train_util
     real = torch.amp.GradScaler
     monkeypatch.setattr(train_util.torch.amp, 'GradScaler', lambda *a, **k: real(*a, **{**k, 'init_scale': 2.0 ** 80}))
     model, ckpt_dir, _ = run(tmp_path, images16, num_epochs=4, amp='fp16')
@@ -346,7 +346,7 @@ def test_fp16_overflow_steps_are_the_scalers_not_nan_failures(tmp_path, images16
 def test_ema_after_k_updates_is_the_closed_form_of_the_ramp(tmp_path, images16, monkeypatch):
     """The saved EMA equals e_k = d_k e_{k-1} + (1 - d_k) p_k with d_k = min(decay, (1 + k) / (10 + k)),
     computed here in float64 from the weights after every step; the EMA never feeds back into training."""
-    import train_util
+    import training.loop as train_util
     real, seen = train_util.ema_update, []
 
     def spy(ema_params, params, decay):

@@ -1,4 +1,4 @@
-"""FID during training (train_fid.py via train_ddpm(fid_every=...)): eval/fid, ddpm_best_fid.pth, and the
+"""FID during training (training/fid.py via train_ddpm(fid_every=...)): eval/fid, ddpm_best_fid.pth, and the
 recorded FID is what evaluate.py measures for the saved EMA weights. A stand-in feature extractor keeps it
 fast; the real Inception network runs in tests/test_fid.py."""
 import os
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import evaluate
-import fid
-import train_fid
+import metrics.fid as fid
+import training.fid as train_fid
 from conftest import TINY_TRAIN, load, make_image_folder
 from data.process_cifar import load_dataset
 from tiny_extractor import TINY, registered_tiny_extractor  # noqa: F401 (an autouse fixture)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import model_from_checkpoint
+from diffusion import model_from_checkpoint
 from diffusion import DDPM, create_cifar10_ddpm
 from model.Blocks import Downsample, Dropout, ResNetBlock, SelfAttention, SinusoidalTimeEmbedding, UNet
 

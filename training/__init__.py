@@ -1,1 +1,1 @@
-"""Training: the loop and its parts (ablations.py: the paper's Table 2 runs)."""
+"""Training: the loop, its reports, FID during training, timestep sampling, the paper's Table 2 runs."""

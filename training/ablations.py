@@ -17,8 +17,10 @@ import time
 
 import torch
 
-from fid import (INCEPTION, cached_statistics, extract_features, feature_statistics, frechet_distance,
-                 load_feature_extractor)
+from metrics.bpd import bits_per_dim
+from metrics.fid import (INCEPTION, cached_statistics, extract_features, feature_statistics, frechet_distance,
+                         load_feature_extractor)
+from sampling.generate import generate
 
 # (name, DDPM options, the paper's (IS, IS std, FID) or None where its Table 2 says unstable)
 TABLE2_ROWS = (
@@ -64,12 +66,9 @@ def fid_scorer(train_images, weights, device='cpu'):
     return score
 
 
-def make_scorer(bits_per_dim, generate, test_images, fid_score, fid_samples, sampler, steps, seed, device):
-    """score(model) -> (bits/dim dict, FID or None, samples finite?).
-
-    bits_per_dim and generate are evaluate.py's and sample.py's (passed in by paper.py: a library
-    module does not import an entry point). Bits/dim: the unclipped bound, 8 KL terms per image.
-    """
+def make_scorer(test_images, fid_score, fid_samples, sampler, steps, seed, device):
+    """score(model) -> (bits/dim dict, FID or None, samples finite?). Bits/dim: the unclipped bound,
+    8 KL terms per image; FID: `fid_samples` samples of `sampler` in `steps` steps, by `fid_score`."""
     def score(model):
         bpd = bits_per_dim(model, test_images, mode='estimate', t_samples=8, batch_size=100, device=device,
                            seed=seed, progress=False, clip_denoised=False)

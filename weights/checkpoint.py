@@ -1,22 +1,20 @@
-"""Checkpoints: safe loading, crash-safe saving, state-dict cleaning, and rebuilding a model from one.
+"""Checkpoints: safe loading, crash-safe saving, state-dict cleaning, and the parts a model is rebuilt from.
 
 A checkpoint is one dict `torch.save`d by train.py (model_state_dict, ema_state_dict,
 optimizer_state_dict, epoch, step, config, ...) and is always loaded with
 weights_only=True, so a file cannot run code. `DDPM.from_checkpoint(path)` is the
-public way in; `model_from_checkpoint` does the work on a dict already loaded.
+public way in (diffusion.py builds the model from `checkpoint_parts`); nothing here
+imports the DDPM, so the readers sit below diffusion.py in the import graph.
 """
 
 import os
-import re
 
 import torch
 
-from diffusion import DDPM_OPTIONS, LEGACY_DEFAULTS, UNET_OPTIONS, create_cifar10_ddpm, model_kwargs
-from runtime import atomic_write, closest, use_channels_last
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be used as a checkpoint; the message says why and what to do."""
+from model.presets import LEGACY_DEFAULTS, MODEL_OPTIONS, model_kwargs
+from runtime import atomic_write, closest
+from weights.diffusers_format import load_diffusers
+from weights.torch_file import CheckpointError, read_torch_file
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -24,46 +22,20 @@ def load_checkpoint(path, map_location='cpu'):
 
     A raw state_dict (a dict of tensors) is accepted and returned as
     {'model_state_dict': state_dict}; a diffusers folder is converted to the
-    same dict, config included (diffusers_io.load_diffusers).
+    same dict, config included (weights.diffusers_format.load_diffusers).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f'checkpoint not found: {path} (check the path, or train one with python train.py)')
     if os.path.isdir(path):  # a diffusers UNet2DModel or DDPMPipeline folder
-        from diffusers_io import load_diffusers
         return load_diffusers(path)
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f'checkpoint {path} is empty (0 bytes); it was probably cut off while writing; '
-                              f'use an earlier checkpoint')
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        raise CheckpointError(f'cannot load checkpoint {path}: {_load_failure_reason(e)}') from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)')
+    ckpt = read_torch_file(path, map_location)
     if 'model_state_dict' not in ckpt:
         if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
             return {'model_state_dict': ckpt}
         raise CheckpointError(f'{path} is not a DDPM checkpoint: it has no model_state_dict '
                               f'(keys: {sorted(ckpt)[:8]})')
     return ckpt
-
-
-def _load_failure_reason(e):
-    """Why torch.load(weights_only=True) failed, in words a user can act on."""
-    text = str(e)
-    unsafe = re.search(r'GLOBAL ([\w.]+)', text)  # 'Unsupported global: GLOBAL x.y' or '... GLOBAL x.y whose module'
-    if unsafe:
-        return (f'it asks to import {unsafe.group(1)}, which is not a tensor or plain type and could run code, '
-                f'so it was refused (checkpoints are only loaded with weights_only=True)')
-    if ('Unsupported operand' in text or 'magic number' in text or 'load key' in text
-            or isinstance(e, (KeyError, EOFError, UnicodeDecodeError))):
-        return ('it is not a file written by torch.save (plain pickle, text or other data), so it was not '
-                'loaded; pass a .pth checkpoint written by train.py')
-    if 'PytorchStreamReader' in text or 'zip archive' in text or 'central directory' in text:
-        return ('the file is truncated or corrupted (an interrupted copy or save?); use an earlier checkpoint '
-                'or copy it again')
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def save_checkpoint(obj, path):
@@ -150,15 +122,18 @@ def load_model_state(model, state_dict, source='checkpoint', advice=None):
     return model
 
 
+def checkpoint_parts(ckpt, ema=True, **model_options):
+    """A checkpoint dict -> (the keywords of create_cifar10_ddpm, the state_dict to load, advice for a mismatch).
 
-def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **model_options):
-    """DDPM.from_checkpoint for a checkpoint dict already in memory (from load_checkpoint)."""
-    valid = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS
+    Keywords override the stored config; a config without a LEGACY_DEFAULTS key gets the old value.
+    The EMA weights are taken when asked for and present. Plain dicts only: the caller builds the model.
+    """
     for key in model_options:
-        if key not in valid:
-            raise ValueError(f'unknown model option {key!r}{closest(key, valid)}; valid: {list(valid)}')
+        if key not in MODEL_OPTIONS:
+            raise ValueError(f'unknown model option {key!r}{closest(key, MODEL_OPTIONS)}; '
+                             f'valid: {list(MODEL_OPTIONS)}')
     stored = ckpt.get('config') or {}
-    model = create_cifar10_ddpm(**model_kwargs({**LEGACY_DEFAULTS, **stored, **model_options}))
+    config = model_kwargs({**LEGACY_DEFAULTS, **stored, **model_options})
     key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
     advice = None
     if not stored and not model_options:
@@ -166,26 +141,4 @@ def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **m
                   "'base' model; pass the options it was trained with, e.g. "
                   "DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
                   "image_size=16)")
-    load_model_state(model, ckpt[key], source=source, advice=advice)
-    return model.to(device)
-
-
-def load_model(checkpoint, ema=None, device='cpu'):
-    """Rebuild the model from a checkpoint's own config.
-
-    ema: None uses the EMA weights when the checkpoint has them; True requires
-    them; False uses the raw (training) weights.
-    Returns (model in eval mode, info dict for run metadata).
-    """
-    ckpt = load_checkpoint(checkpoint, map_location='cpu')
-    has_ema = ckpt.get('ema_state_dict') is not None
-    if ema and not has_ema:
-        raise CheckpointError(f'{checkpoint} has no EMA weights (ema_state_dict is empty); '
-                              f'drop --ema, or pass --no-ema to sample with the raw weights')
-    use_ema = has_ema if ema is None else bool(ema)
-    info = {'checkpoint': os.path.abspath(checkpoint), 'ema': use_ema, 'step': ckpt.get('step'),
-            'epoch': ckpt.get('epoch'), 'class_names': (ckpt.get('config') or {}).get('class_names')}
-    model = model_from_checkpoint(ckpt, ema=use_ema, device=device, source=checkpoint).eval()
-    if use_channels_last(None, torch.device(device), None):
-        model.to(memory_format=torch.channels_last)   # faster convolutions (bench/)
-    return model, info
+    return config, ckpt[key], advice

@@ -25,10 +25,9 @@ import re
 import torch
 import torch.nn as nn
 
-from checkpoint import CheckpointError, load_checkpoint
-from diffusion import DDPM
 from model.Blocks import UNet
 from runtime import atomic_write, write_json
+from weights.torch_file import CheckpointError, read_torch_file
 
 WEIGHT_FILES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
 # The diffusers release the export format was checked against (tests/test_diffusers.py).
@@ -266,7 +265,10 @@ def read_weights(folder):
         if not os.path.exists(path):
             continue
         if name.endswith('.bin'):
-            return load_checkpoint(path)['model_state_dict'], path   # its one-line errors for unsafe/bad pickles
+            theirs = read_torch_file(path)   # its one-line errors for unsafe/bad pickles
+            if not all(torch.is_tensor(v) for v in theirs.values()):
+                raise CheckpointError(f'{path} is not a UNet2DModel state_dict (it holds more than tensors)')
+            return theirs, path
         from safetensors.torch import load_file
         try:
             return load_file(path), path
@@ -316,7 +318,7 @@ def load_diffusers(path):
 
 def save_diffusers(model, folder):
     """Write `model` (a DDPM around our UNet) as a DDPMPipeline folder that diffusers loads as it is."""
-    if not isinstance(model, DDPM):
+    if not (hasattr(model, 'network') and hasattr(model, 'betas')):   # duck-typed: no import of diffusion.py
         raise CheckpointError(f'save_diffusers takes a DDPM, not a {type(model).__name__}')
     config, scheduler = unet_config(model.network), scheduler_config(model)   # refuse before writing anything
     from safetensors.torch import save
