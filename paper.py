@@ -57,7 +57,7 @@ def run_table2(args):
     common = dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, max_steps=args.steps,
                   num_epochs=10 ** 6, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                   ema_decay=args.ema_decay, seed=args.seed, device=device, amp='fp32', num_samples=0,
-                  save_every=10 ** 6, sample_every=10 ** 6, log_every=50)
+                  save_every=10 ** 6, sample_every=10 ** 6, log_every=50, resume='latest')
     os.makedirs(args.out_dir, exist_ok=True)
     start = time.time()
     results = run_rows(train_ddpm, score, common, args.out_dir, args.rows)

@@ -68,19 +68,22 @@ def fid_scorer(train_images, weights, device='cpu'):
 
 def make_scorer(test_images, fid_score, fid_samples, sampler, steps, seed, device):
     """score(model) -> (bits/dim dict, FID or None, samples finite?). Bits/dim: the unclipped bound,
-    8 KL terms per image; FID: `fid_samples` samples of `sampler` in `steps` steps, by `fid_score`."""
+    8 KL terms per image; FID: `fid_samples` samples of `sampler` in `steps` steps, by `fid_score`, with
+    x_0_pred clipped to [-1, 1] as the paper's sampler does (unclipped, a barely trained mu-tilde
+    model's DPM-Solver++ samples overflow: its eps = (x_t - sqrt(alpha_t) mu) sqrt(1 - a-bar_t) / beta_t
+    magnifies the network's error)."""
     def score(model):
         bpd = bits_per_dim(model, test_images, mode='estimate', t_samples=8, batch_size=100, device=device,
                            seed=seed, progress=False, clip_denoised=False)
         if not fid_samples:
             return bpd, None, True
         # generate clamps to [-1, 1] on the way to uint8, which hides NaN: check two samples of our own
-        probe = model.sample(2, device=device, sampler=sampler, steps=steps, progress=False,
+        probe = model.sample(2, device=device, sampler=sampler, steps=steps, progress=False, clip_denoised=True,
                              generator=torch.Generator().manual_seed(seed))
         if not bool(torch.isfinite(probe).all()):
             return bpd, None, False
         samples = generate(model, fid_samples, min(250, fid_samples), sampler, steps, 0.0, seed, device,
-                           progress=False)
+                           progress=False, clip_denoised=True)
         return bpd, fid_score(samples), True
     return score
 
@@ -131,7 +134,8 @@ def format_row(r):
         ours = 'diverged (training stopped on non-finite losses)'
         return f"| {r['row']} | {ours} | | | {paper_text} | {nll} |"
     fid = f"{r['fid']:.1f}" if r.get('fid') is not None else '-'
-    state = 'diverged' if r['diverged'] else 'trained'
+    state = ('diverged (samples not finite)' if not r.get('samples_finite', True) else
+             'diverged (bound not finite)' if r['diverged'] else 'trained')
     return (f"| {r['row']} | {state}, {r['steps']} steps, {r['train_seconds']:.0f} s | "
             f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | {fid} | {paper_text} | {nll} |")
 
