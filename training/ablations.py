@@ -127,16 +127,16 @@ def run_table2(train_fn, score, train_options, out_dir, rows=None, say=print):
 
 def format_row(r):
     """One markdown table row of a result."""
-    paper = r['paper']
+    paper, name = r['paper'], r['row'].replace('|', '\\|')   # a markdown cell may not hold a bare |
     paper_text = 'unstable' if paper is None else f'{paper[0]:.2f} ± {paper[1]:.2f} / {paper[2]:.2f}'
     nll = f"{r['paper_nll']:.2f}" if r.get('paper_nll') else '-'
     if r['diverged'] and r.get('bpd') is None:
         ours = 'diverged (training stopped on non-finite losses)'
-        return f"| {r['row']} | {ours} | | | {paper_text} | {nll} |"
+        return f"| {name} | {ours} | | | {paper_text} | {nll} |"
     fid = f"{r['fid']:.1f}" if r.get('fid') is not None else '-'
     state = ('diverged (samples not finite)' if not r.get('samples_finite', True) else
              'diverged (bound not finite)' if r['diverged'] else 'trained')
-    return (f"| {r['row']} | {state}, {r['steps']} steps, {r['train_seconds']:.0f} s | "
+    return (f"| {name} | {state}, {r['steps']} steps, {r['train_seconds']:.0f} s | "
             f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | {fid} | {paper_text} | {nll} |")
 
 
