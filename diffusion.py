@@ -32,11 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sampling.guidance as guidance
-import sampling.samplers as samplers
+import sampling.options as sampling_options
+import sampling.timesteps as step_sequences
 import weights.checkpoint as checkpoint_files   # a module name: its names that once lived here still warn
 from metrics.likelihood import discretized_gaussian_log_likelihood, normal_kl  # noqa: F401 (also public here)
 from model.presets import (DDPM_OPTIONS, LEGACY_DEFAULTS, MODEL_OPTIONS, UNET_OPTIONS,  # noqa: F401 (public here)
                            build_unet, model_kwargs)  # noqa: F401
+from sampling.noise import draw_noise
+from sampling.options import DEFAULTS   # the sampler options' defaults, declared once
 
 
 # ----- the noise schedule ------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class DDPM(nn.Module):
         self.prediction, self.min_snr_gamma = prediction, min_snr_gamma
         self.image_shape = tuple(image_shape) if image_shape is not None else (
             getattr(network, 'in_channels', 3), getattr(network, 'image_size', 32), getattr(network, 'image_size', 32))
-        # `betas` (float64) overrides the named schedule: samplers.respaced builds a shorter chain this way.
+        # `betas` (float64) overrides the named schedule: sampling.ancestral.respaced builds a shorter chain this way.
         self.betas64 = betas if betas is not None else make_betas(beta_schedule, timesteps, beta_start, beta_end)
         self.timesteps = len(self.betas64)
         # Derived from the constructor's arguments, so not part of the state_dict.
@@ -416,24 +419,44 @@ class DDPM(nn.Module):
         return mean, extract(var, t, x_t.shape), extract(var.log(), t, x_t.shape), x_0_pred
 
     def ddim_timesteps(self, steps):
-        """The DDIM sub-sequence tau of `steps` steps (see samplers.ddim_timesteps)."""
-        return samplers.ddim_timesteps(self.timesteps, steps)
+        """The DDIM sub-sequence tau of `steps` steps (see sampling.timesteps.ddim_timesteps)."""
+        return step_sequences.ddim_timesteps(self.timesteps, steps)
 
     @torch.inference_mode()
-    def sample_progressive(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None,
-                           progress=True, clip_denoised=None, x_T=None, spacing=None, labels=None,
-                           guidance_scale=0.0):
+    def sample_progressive(self, n, device=None, sampler=DEFAULTS.sampler, steps=DEFAULTS.steps, eta=DEFAULTS.eta,
+                           generator=None, progress=True, clip_denoised=DEFAULTS.clip_denoised, x_T=None,
+                           spacing=DEFAULTS.spacing, labels=None, guidance_scale=DEFAULTS.guidance_scale):
         """Yield (t, x_t, x_0_pred) along the reverse chain from x_T ~ N(0, I), ending with t = -1 and x_0.
 
         See `sample` for the arguments; the samplers themselves are in sampling/.
         """
-        device = torch.device(device) if device is not None else self.betas.device
-        labels = guidance.check_labels(labels, n, self.num_classes, device)
-        yield from samplers.sample_loop(self, n, device, sampler, steps, eta, generator, progress, clip_denoised,
-                                        x_T, spacing, labels, guidance_scale)
+        options = sampling_options.SampleOptions(sampler, steps, spacing, eta, clip_denoised, guidance_scale)
+        yield from self.sample_progressive_with(options, n, device, generator, progress, x_T, labels)
 
-    def sample(self, n, device=None, sampler='ddpm', steps=None, eta=0.0, generator=None, progress=True,
-               clip_denoised=None, x_T=None, spacing=None, labels=None, guidance_scale=0.0):
+    def run_sampler(self, options, n, device, generator=None, progress=False, x_T=None, labels=None, timesteps=None):
+        """sample_progressive for resolved SampleOptions: (t, x_t, x_0_pred) after every step, then (-1, x_0, ...).
+
+        timesteps: the code steps to visit (sampling.options.timesteps_of; default all of the options'); a walk
+        that starts part-way (timesteps_of(..., start=t)) takes x_T = x_t at its first step.
+        """
+        if labels is None and options.guidance_scale:
+            raise ValueError(f'guidance_scale={options.guidance_scale:g} needs class labels to guide towards')
+        x = x_T.to(device) if x_T is not None else draw_noise((n, *self.image_shape), generator, device)
+        cond = None if labels is None else {'labels': labels, 'guidance_scale': options.guidance_scale}
+        timesteps = sampling_options.timesteps_of(self, options) if timesteps is None else timesteps
+        chain = sampling_options.run_sampler(self, options, x, cond, generator, timesteps)
+        if progress:
+            from tqdm.auto import tqdm
+            chain = tqdm(chain, total=len(timesteps), desc=f'sampling ({options.sampler}, {len(timesteps)} steps)',
+                         leave=False)
+        x_0_pred = None
+        for step, x, x_0_pred in chain:
+            yield step, x, x_0_pred
+        yield -1, x.clamp(-1.0, 1.0), x_0_pred
+
+    def sample(self, n, device=None, sampler=DEFAULTS.sampler, steps=DEFAULTS.steps, eta=DEFAULTS.eta, generator=None,
+               progress=True, clip_denoised=DEFAULTS.clip_denoised, x_T=None, spacing=DEFAULTS.spacing, labels=None,
+               guidance_scale=DEFAULTS.guidance_scale):
         """Draw n samples, shaped [n, C, H, W] with values in [-1, 1].
 
         Args:
@@ -443,9 +466,9 @@ class DDPM(nn.Module):
             sampler: 'ddpm', the paper's ancestral sampler over all T steps
                 (Algorithm 2); 'ddim' (Song et al. 2020) or 'dpm-solver'
                 (DPM-Solver++(2M), Lu et al. 2022) over `steps` steps.
-            steps: network evaluations of 'ddim' (default T) and 'dpm-solver'
-                (default samplers.DEFAULT_DPM_SOLVER_STEPS); for 'ddpm', fewer than T
-                walk a respaced chain (Improved DDPM section 4, samplers.respaced).
+            steps: network evaluations; None: the sampler's default in sampling.options.SAMPLERS
+                (all T for 'ddpm', 100 for 'ddim', 20 for 'dpm-solver', at most T). For 'ddpm',
+                fewer than T walk a respaced chain (Improved DDPM section 4, sampling.ancestral).
             eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's posterior noise.
             generator: a torch.Generator; the same seed gives the same samples.
             progress: show a tqdm progress bar over the steps.
@@ -454,23 +477,34 @@ class DDPM(nn.Module):
             x_T: start from this noise instead of drawing it.
             spacing: which steps 'ddim' and 'dpm-solver' visit: 'uniform' or
                 'quadratic' in t, or 'logsnr' (uniform in log-SNR); None: 'uniform'
-                for 'ddim', 'logsnr' for 'dpm-solver' (samplers.spaced_timesteps).
+                for 'ddim', 'logsnr' for 'dpm-solver' (sampling.timesteps.spaced_timesteps).
             labels: for a class-conditional model, the class of every sample (one int
                 for all, or n); None samples unconditionally (the null class).
             guidance_scale: w of classifier-free guidance, eps~ = (1 + w) eps(c) - w eps(null);
                 0 is the conditional model alone (see `network_outputs`).
         """
+        options = sampling_options.SampleOptions(sampler, steps, spacing, eta, clip_denoised, guidance_scale)
+        return self.sample_with(options, n, device, generator, progress, x_T, labels)
+
+    def sample_with(self, options, n, device=None, generator=None, progress=True, x_T=None, labels=None):
+        """`sample` with its sampler options as one SampleOptions (resolved here)."""
         device = torch.device(device) if device is not None else self.betas.device
         self.to(device)
         was_training = self.training
         self.eval()
         try:
-            for _, x, _ in self.sample_progressive(n, device, sampler, steps, eta, generator, progress,
-                                                   clip_denoised, x_T, spacing, labels, guidance_scale):
+            for _, x, _ in self.sample_progressive_with(options, n, device, generator, progress, x_T, labels):
                 pass
         finally:
             self.train(was_training)
         return x
+
+    @torch.inference_mode()
+    def sample_progressive_with(self, options, n, device=None, generator=None, progress=True, x_T=None, labels=None):
+        """`sample_progressive` with its sampler options as one SampleOptions (resolved here)."""
+        device = torch.device(device) if device is not None else self.betas.device
+        labels = guidance.check_labels(labels, n, self.num_classes, device)
+        yield from self.run_sampler(options.resolve(self), n, device, generator, progress, x_T, labels)
 
     # ----- the variational bound, in bits/dim -----------------------------------------------
 
@@ -507,7 +541,8 @@ class DDPM(nn.Module):
         e.g. `DDPM.from_checkpoint('weights.pth', channels=(32, 64), image_size=16)`.
         Keywords override the stored config. A config without downsample_padding
         (written before the option existed) gets the old 'symmetric' padding.
-        `path` may also be a diffusers UNet2DModel or DDPMPipeline folder.
+        `path` may also be a diffusers UNet2DModel or DDPMPipeline folder, a file in the DDIM /
+        pytorch_diffusion format (image_size=32 unless given) or a release name such as 'ema_cifar10'.
         """
         ckpt = checkpoint_files.load_checkpoint(path, map_location=device)
         return model_from_checkpoint(ckpt, ema, device, source=path, **model_options)

@@ -42,12 +42,12 @@ import torch
 
 import metrics.bpd as bpd   # a module name: bits_per_dim, which moved there, still warns here
 from metrics.fid import (INCEPTION, INCEPTION_FILE, EvalError, check_conversion, image_metrics, load_feature_extractor,
-                         load_images, load_stats, reference_statistics)
+                         load_images, load_stats, reference_resolution, reference_statistics)
 from metrics.inception import is_torchscript, torchscript_to_fidelity
 from runtime import HelpFormatter, add_runtime_options, atomic_write, read_json, resolve_device, run_cli, write_json
-from sampling.generate import load_model, resolve_steps, sample_checkpoint
-from sampling.samplers import (DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, SPACINGS, resolve_clip,
-                               resolve_spacing)
+from sampling.generate import SampleRun, load_model, sample_checkpoint
+from sampling.options import DEFAULT_DDIM_STEPS, DEFAULT_DPM_SOLVER_STEPS, DEFAULTS, SAMPLERS, SPACINGS, SampleOptions
+from weights.checkpoint import resolve_checkpoint
 
 PAPER_NUM_SAMPLES = 50_000
 
@@ -86,7 +86,10 @@ def build_parser():
         formatter_class=HelpFormatter)
     what = p.add_argument_group('what to evaluate')
     what.add_argument('--checkpoint', default=None,
-                      help='a checkpoint written by train.py, or a diffusers model folder')
+                      help='a checkpoint written by train.py, a diffusers model folder, a DDIM-format .ckpt, or '
+                           'a release name (ema_cifar10, ...; docs/weights.md)')
+    what.add_argument('--image_size', type=int, default=None,
+                      help='image size for weights that do not fix it (DDIM-format files; default 32)')
     what.add_argument('--samples', default=None, help='score existing samples: an .npz (uint8 NHWC) or image folder')
     what.add_argument('--fid', action='store_true', help='FID and Inception Score')
     what.add_argument('--kid', action='store_true', help='also KID (caches the reference features, ~0.4 GB)')
@@ -98,13 +101,14 @@ def build_parser():
     s = p.add_argument_group('sampling (with --checkpoint --fid; see sample.py)')
     s.add_argument('--num_samples', type=int, default=PAPER_NUM_SAMPLES, help='the paper uses 50,000')
     s.add_argument('--batch_size', type=int, default=256, help='sampling batch size')
-    s.add_argument('--sampler', choices=SAMPLERS, default='ddpm', help='see sample.py')
-    s.add_argument('--steps', type=int, default=None,
+    s.add_argument('--sampler', choices=SAMPLERS, default=DEFAULTS.sampler, help='see sample.py')
+    s.add_argument('--steps', type=int, default=DEFAULTS.steps,
                    help=f'network evaluations (default {DEFAULT_DDIM_STEPS} for ddim, {DEFAULT_DPM_SOLVER_STEPS} '
                         f'for dpm-solver; ddpm: all T, fewer respace the chain)')
-    s.add_argument('--spacing', choices=SPACINGS, default=None, help='see sample.py')
-    s.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=None, help='see sample.py')
-    s.add_argument('--eta', type=float, default=0.0, help='DDIM noise')
+    s.add_argument('--spacing', choices=SPACINGS, default=DEFAULTS.spacing, help='see sample.py')
+    s.add_argument('--clip_denoised', action=argparse.BooleanOptionalAction, default=DEFAULTS.clip_denoised,
+                   help='see sample.py')
+    s.add_argument('--eta', type=float, default=DEFAULTS.eta, help='DDIM noise')
     s.add_argument('--seed', type=int, default=0, help='sampling seed; also seeds the noise of --bpd')
     s.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
                    help='EMA weights (default: when the checkpoint has them)')
@@ -214,6 +218,8 @@ def check_inputs(args):
         raise EvalError('pass exactly one of --checkpoint (sample, then score) or --samples (score existing samples)')
     if args.bpd and not args.checkpoint:
         raise EvalError('--bpd needs --checkpoint (bits/dim is a property of the model, not of samples)')
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)   # a release name -> its file (downloaded once)
     if args.checkpoint and not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     if args.samples and not os.path.exists(args.samples):
@@ -231,6 +237,9 @@ def score_images(args, device, helper):
     extractor, fid_layer, isc_layer = (None, None, None) if helper else load_feature_extractor(
         args.feature_extractor, args.inception_weights, device, cache_dir=args.cache_dir,
         trust_torchscript=args.trust_torchscript)
+    # Before the reference statistics and the sampling, which take hours at full size.
+    check_resolution(images.shape[1:3] if images is not None else
+                     load_model(args.checkpoint, ema=args.ema, device='cpu')[0].image_shape[1:], args)
     if helper:
         mu = sigma = ref_count = ref_features = ref_name = None
     elif args.ref_stats:
@@ -268,26 +277,34 @@ def score_images(args, device, helper):
     return f'{line}  ({results["num_samples"]} samples vs {ref_name}, {extractor.get_name()})'
 
 
+def check_resolution(size, args):
+    """Samples and reference images must have one resolution: Inception resizes both to 299 px, so a
+    mismatch still gives a number, but one that compares blur, not models."""
+    ref_size = reference_resolution(args.ref, args.ref_stats)
+    if ref_size is not None and tuple(size) != tuple(ref_size):
+        raise EvalError(f'the samples are {size[0]}x{size[1]} but the reference images ({args.ref_stats or args.ref}) '
+                        f'are {ref_size[0]}x{ref_size[1]}; FID needs both at one resolution: pass a reference of '
+                        f'{size[0]}x{size[1]} images')
+
+
 def sample_for_fid(args, device, progress):
     """The checkpoint's samples for FID (drawn once, reused from their .npz) and the options they depend on."""
-    model, info = load_model(args.checkpoint, ema=args.ema, device='cpu')
-    steps, model_ema = resolve_steps(model, args.sampler, args.steps), info['ema']
-    spacing = resolve_spacing(args.sampler, args.spacing, args.eta)
+    model, info = load_model(args.checkpoint, ema=args.ema, device='cpu', image_size=args.image_size)
+    options = SampleOptions.from_args(args).resolve(model)
     del model
-    npz = args.npz or default_npz(args, steps, model_ema)
-    images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, args.sampler, steps,
-                               args.eta, args.seed, args.ema, device, npz=npz, progress=progress,
-                               amp=args.amp, spacing=spacing, clip_denoised=args.clip_denoised)
-    options = {'ema': model_ema, 'sampler': args.sampler, 'steps': steps, 'spacing': spacing,
-               'clip_denoised': resolve_clip(args.sampler, args.clip_denoised), 'eta': args.eta,
-               'seed': args.seed, 'batch_size': args.batch_size, 'num_samples': args.num_samples,
-               'amp': args.amp}
-    return images, options
+    npz = args.npz or default_npz(args, options.steps, info['ema'])
+    run = SampleRun(args.num_samples, args.batch_size, args.seed, amp=args.amp)
+    images = sample_checkpoint(args.checkpoint, options, run, args.ema, device, npz=npz, progress=progress,
+                               image_size=args.image_size)
+    record = {'ema': info['ema'], **options.asdict(), 'seed': args.seed, 'batch_size': args.batch_size,
+              'num_samples': args.num_samples, 'amp': args.amp}
+    record.pop('guidance_scale')   # evaluate.py samples unconditionally (no --guidance_scale)
+    return images, record
 
 
 def score_bpd(args, device):
     """bits/dim of the checkpoint on the test images; the result line."""
-    model, info = load_model(args.checkpoint, ema=args.ema, device=device)
+    model, info = load_model(args.checkpoint, ema=args.ema, device=device, image_size=args.image_size)
     c, h, w = model.image_shape
     images = load_images(args.bpd_data, args.data_dir, train=False, image_size=h)
     if args.num_images is not None:

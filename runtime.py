@@ -227,6 +227,15 @@ def atomic_write(path, write):
     return path
 
 
+def file_digest(path, algorithm, chunk=1 << 22):
+    """The hex digest ('md5', 'sha1', 'sha256', ...) of one file's bytes, read in chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_sha256(path, chunk=1 << 22):
     """SHA-256 of a file; of a folder (a diffusers model): of its .json and weight files' names and bytes."""
     digest = hashlib.sha256()
@@ -292,6 +301,12 @@ def closest(name, options):
     return f" (did you mean '{match[0]}'?)" if match else ''
 
 
+def cli_text(error):
+    """An error's message for a command-line user: its `cli_message` (the fix spelled in flags) when it
+    carries one, else its message (which names keywords, as Python callers write them)."""
+    return getattr(error, 'cli_message', None) or str(error)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse's own errors (a bad value, a missing argument) as one `error:` line, like all of ours."""
 
@@ -329,5 +344,5 @@ def run_cli(parser, run, argv):
     except (FileNotFoundError, ValueError) as e:
         if args.debug:
             raise
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {cli_text(e)}', file=sys.stderr)
         return 2

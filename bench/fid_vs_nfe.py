@@ -33,7 +33,8 @@ import common  # noqa: E402
 
 from metrics.fid import cached_statistics, image_metrics, load_feature_extractor  # noqa: E402
 from runtime import file_sha256, keep_freed_memory, read_json  # noqa: E402
-from sampling.generate import sample_checkpoint  # noqa: E402
+from sampling.generate import SampleRun, sample_checkpoint  # noqa: E402
+from sampling.options import SampleOptions  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(common.ROOT), 'shared', 'data')
 # (name, sampler, spacing, clip_denoised); None: the sampler's own (ddpm: uniform respacing, it takes no spacing;
@@ -89,8 +90,9 @@ def run_setting(args, name, sampler, spacing, clip, nfe, extractor, fid_layer, r
     # Samples left by an interrupted run are reused (sample.py resumes them); their time would be wrong.
     timed = not os.path.exists(npz) and not os.path.exists(npz + '.parts')
     start = time.perf_counter()
-    images = sample_checkpoint(args.checkpoint, args.num_samples, args.batch_size, sampler, nfe, seed=args.seed,
-                               npz=npz, progress=not args.quiet, amp=args.amp, spacing=spacing, clip_denoised=clip)
+    options = SampleOptions(sampler, nfe, spacing, clip_denoised=clip)
+    run = SampleRun(args.num_samples, args.batch_size, args.seed, amp=args.amp)
+    images = sample_checkpoint(args.checkpoint, options, run, npz=npz, progress=not args.quiet)
     sample_s = time.perf_counter() - start
     metrics = image_metrics(images, extractor, fid_layer, None, ref, batch_size=50, progress=not args.quiet)
     return dict(sampler=name, nfe=nfe, fid=metrics['fid'],

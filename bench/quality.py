@@ -44,7 +44,8 @@ from metrics.bpd import bits_per_dim  # noqa: E402
 from metrics.fid import cached_statistics, extract_features, feature_statistics, frechet_distance  # noqa: E402
 from metrics.fid import load_feature_extractor  # noqa: E402
 from runtime import amp_dtype, autocast, keep_freed_memory  # noqa: E402
-from sampling.generate import generate  # noqa: E402
+from sampling.generate import SampleRun, generate  # noqa: E402
+from sampling.options import SampleOptions  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 
@@ -152,8 +153,8 @@ def parse_args():
 def score(name, model, args, data, extractor, ref, device):
     """FID (same sampler, steps and seeds for every model) and bits/dim of the EMA model."""
     start = time.perf_counter()
-    samples = generate(model, args.fid_samples, 250, 'ddim', args.steps, 0.0, args.seed, device, progress=False,
-                       amp='auto')
+    samples = generate(model, SampleOptions('ddim', args.steps), SampleRun(args.fid_samples, 250, args.seed, amp='auto'),
+                       device, progress=False)
     sample_s = time.perf_counter() - start
     features = extract_features(samples, extractor, 50, device, progress=False)['2048']
     fid = frechet_distance(*feature_statistics(features), *ref)

@@ -55,15 +55,28 @@ def load_image_folder(folder, image_size=32, train=True, labels=False):
             cache = None if failed is None else {**cache, 'failed': failed}
         if cache is not None:
             print(f'loaded {len(cache["images"])} images from cache {path}')
+            _report(folder, cache.get('failed') or [], cache.get('upscaled'), image_size)
             return _with_labels(cache['images'], folder, paths, cache.get('failed'), classes)
 
-    images, failed = decode_images(paths, image_size)
-    if failed:
-        print(f'skipped {len(failed)} unreadable file{"s" if len(failed) > 1 else ""}, e.g. {failed[0]}')
+    images, failed, upscaled = decode_images(paths, image_size)
+    failed = [os.path.relpath(p, folder) for p in failed]
+    _report(folder, failed, upscaled, image_size)
     if len(images) == 0:
-        raise ValueError(f'none of the {len(paths)} image files under {folder} could be read, e.g. {failed[0]}')
-    _write_cache(images, key, candidates, [os.path.relpath(p, folder) for p in failed])
-    return _with_labels(images, folder, paths, [os.path.relpath(p, folder) for p in failed], classes)
+        raise ValueError(f'none of the {len(paths)} image files under {folder} could be read, e.g. '
+                         f'{os.path.join(folder, failed[0])}')
+    _write_cache(images, key, candidates, failed, upscaled)
+    return _with_labels(images, folder, paths, failed, classes)
+
+
+def _report(folder, failed, upscaled, image_size):
+    """What decoding did to the data, said at every load (a reused cache too): skipped files, upscaled images."""
+    if failed:
+        print(f'skipped {len(failed)} unreadable file{"s" if len(failed) > 1 else ""}, e.g. '
+              f'{os.path.join(folder, failed[0])}')
+    if upscaled:   # (None: a cache written before this was counted)
+        print(f'note: {upscaled} image{"s" if upscaled > 1 else ""} under {folder} '
+              f'{"are" if upscaled > 1 else "is"} smaller than {image_size} px and {"were" if upscaled > 1 else "was"} '
+              f'upscaled to {image_size}x{image_size} (image_size sets the training resolution)')
 
 
 def class_subfolders(folder, paths):
@@ -99,7 +112,8 @@ def list_images(folder):
 
 
 def decode_images(paths, image_size):
-    """Decode `paths` into uint8 [N, 3, S, S]; returns (images, paths that could not be read).
+    """Decode `paths` into uint8 [N, 3, S, S]; returns (images, paths that could not be read,
+    the number of images whose shorter side was below S and so were upscaled).
 
     Serial on purpose: for 50,000 CIFAR JPEGs on a 2-vCPU machine a 2-thread
     pool took 7.7 s and a 2-process pool 9.0 s against 6.0 s serial, and the
@@ -107,17 +121,25 @@ def decode_images(paths, image_size):
     """
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
+    upscaled = 0
     for i, path in enumerate(tqdm(paths, desc='decoding images', unit='img')):
-        pixels = _try_decode(path, image_size)
-        if pixels is not None:
-            out[i], ok[i] = pixels, True
+        decoded = _try_decode(path, image_size)
+        if decoded is not None:
+            (out[i], side), ok[i] = decoded, True
+            upscaled += side < image_size
     failed = [p for p, good in zip(paths, ok) if not good]
-    return torch.from_numpy(out[ok]).permute(0, 3, 1, 2).contiguous(), failed
+    return torch.from_numpy(out[ok]).permute(0, 3, 1, 2).contiguous(), failed, upscaled
 
 
 def decode_image(path, image_size):
     """One image file -> uint8 array [image_size, image_size, 3]: RGB, shorter side resized, centre-cropped."""
+    return _decode(path, image_size)[0]
+
+
+def _decode(path, image_size):
+    """decode_image's array and the shorter side of the image as stored (before any resizing)."""
     with Image.open(path) as img:
+        stored_side = min(img.size)   # before draft(), which may already shrink a big JPEG
         img.draft('RGB', (image_size, image_size))  # JPEG only: libjpeg downscales big photos while decoding
         img = ImageOps.exif_transpose(img)  # camera photos: honour the orientation tag
         img = _to_rgb(img)
@@ -127,7 +149,7 @@ def decode_image(path, image_size):
         if (w, h) != (image_size, image_size):
             # Resampling the centred square directly equals "resize the shorter side, then centre-crop".
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(img, dtype=np.uint8), stored_side
 
 
 def _to_rgb(img):
@@ -144,9 +166,9 @@ def _to_rgb(img):
 
 
 def _try_decode(path, image_size):
-    """decode_image, or None for a file PIL cannot read (corrupt, truncated, not really an image)."""
+    """(pixels, stored shorter side), or None for a file PIL cannot read (corrupt, truncated, not an image)."""
     try:
-        return decode_image(path, image_size)
+        return _decode(path, image_size)
     except Exception:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         return None
 
@@ -194,12 +216,13 @@ def _read_cache(path, key):
         return None
 
 
-def _write_cache(images, key, candidates, failed=()):
+def _write_cache(images, key, candidates, failed=(), upscaled=0):
     """Save to the first writable candidate and delete the caches it supersedes; never fatal.
-    `failed`: the files (relative paths) that could not be decoded, so labels can skip them too."""
+    `failed`: the files (relative paths) that could not be decoded, so labels can skip them too;
+    `upscaled`: how many images were smaller than the cache's size (reported again when it is reused)."""
     for path, stale in candidates:
         try:
-            _atomic_save({'images': images, 'key': key, 'failed': list(failed)}, path)
+            _atomic_save({'images': images, 'key': key, 'failed': list(failed), 'upscaled': int(upscaled)}, path)
         except OSError:
             continue
         for old in glob.glob(stale):

@@ -92,10 +92,12 @@ def load_cifar10(data_dir, image_size=32, train=True, download=True, labels=Fals
         dataset = torchvision.datasets.CIFAR10(root=data_dir, train=train, download=download)
     except Exception as e:  # no network (URLError), missing or corrupt files (RuntimeError), ...
         reason = f'{type(e).__name__}: {e}'.splitlines()[0]
-        raise FileNotFoundError(
-            f'CIFAR-10 is not in {data_dir} and could not be downloaded ({reason}). Fix: put the '
-            f"extracted 'cifar-10-batches-py' folder (or 'cifar-10-python.tar.gz') into {data_dir}, "
-            "or train on an image folder with dataset='folder' and data_dir=<folder>.") from None
+        fix = (f'CIFAR-10 is not in {data_dir} and could not be downloaded ({reason}). Fix: put the '
+               f"extracted 'cifar-10-batches-py' folder (or 'cifar-10-python.tar.gz') into {data_dir}, "
+               'or train on an image folder with ')
+        error = FileNotFoundError(fix + "dataset='folder' and data_dir=<folder>.")
+        error.cli_message = fix + '--dataset folder --data_dir <folder>.'   # what a command line prints (runtime)
+        raise error from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     images = images if image_size == 32 else resize_uint8(images, image_size)
     if labels:

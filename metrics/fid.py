@@ -25,6 +25,7 @@ import hashlib
 import io
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -65,6 +66,28 @@ def load_images(source, data_dir='data', train=True, image_size=32):
         raise EvalError(f'{reason} [CIFAR-10 {split} split: download {CIFAR10_URL} into {data_dir}/, or pass an '
                         f'image folder or .npz' + (' or --ref_stats STATS.npz]' if train else ']')) from None
     return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def reference_resolution(ref, ref_stats=None):
+    """(H, W) of the reference images, read without decoding them all; None when unknown (statistics
+    written by other tools, a dataset name other than CIFAR-10, a file load_images will refuse)."""
+    try:
+        if ref_stats:
+            with np.load(ref_stats) as data:
+                return tuple(int(s) for s in data['resolution']) if 'resolution' in data.files else None
+        if os.path.isfile(ref):
+            with zipfile.ZipFile(ref) as archive, archive.open('arr_0.npy') as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                return tuple(int(s) for s in read_header(f)[0][1:3])
+        if os.path.isdir(ref):
+            from PIL import Image
+            with Image.open(list_images(ref)[0]) as img:   # read_image_folder refuses mixed sizes
+                return img.size[1], img.size[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return (32, 32) if ref == 'cifar10' else None
 
 
 def source_fingerprint(source):
@@ -253,6 +276,7 @@ def cached_statistics(ref_id, images, extractor, fid_layer, cache_dir=None, batc
     features = extract_features(images, extractor, batch_size, device, progress)[fid_layer]
     mu, sigma = feature_statistics(features)
     atomic_write(stats_path, lambda f: np.savez(f, mu=mu, sigma=sigma, count=len(images), source=str(source or ref_id),
+                                                 resolution=np.array(images.shape[1:3]),
                                                  feature_extractor=extractor.get_name(), layer=fid_layer))
     if with_features:
         atomic_write(features_path, lambda f: np.save(f, features.astype(np.float32)))
@@ -279,8 +303,11 @@ def load_stats(path):
         return data['mu'].astype(np.float64), data['sigma'].astype(np.float64), count
 
 
+ISC_SPLITS = 10   # the Inception Score's splits (torch-fidelity's and the IS paper's 10)
+
+
 def image_metrics(images, extractor, fid_layer, isc_layer, ref_stats, ref_features=None, batch_size=250,
-                  device='cpu', progress=True, isc_splits=10, seed=2020):
+                  device='cpu', progress=True, seed=2020):
     """FID (and IS when the extractor has logits, KID when ref_features are given) of uint8 [N, H, W, C] images.
 
     ref_stats: (mu, sigma) of the reference images' `fid_layer` features.
@@ -292,7 +319,7 @@ def image_metrics(images, extractor, fid_layer, isc_layer, ref_stats, ref_featur
     mu, sigma = feature_statistics(features[fid_layer])
     results = {'fid': frechet_distance(mu, sigma, *ref_stats), 'num_samples': int(len(images))}
     if isc_layer is not None:
-        isc = isc_features_to_metric(torch.from_numpy(features[isc_layer]), splits=isc_splits, shuffle=True,
+        isc = isc_features_to_metric(torch.from_numpy(features[isc_layer]), splits=ISC_SPLITS, shuffle=True,
                                      rng_seed=seed)
         results.update(isc_mean=isc['inception_score_mean'], isc_std=isc['inception_score_std'])
     if ref_features is not None:

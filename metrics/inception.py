@@ -18,13 +18,14 @@ A TorchScript archive is code (torch.jit.load runs it), so it is loaded only
 when its sha1 is the known one, or when the caller says it trusts the file.
 """
 
-import hashlib
 import warnings
 import zipfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from runtime import file_digest
 
 INCEPTION = 'inception-v3-compat'   # torch-fidelity's name of its Inception-v3
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
@@ -55,12 +56,8 @@ class InceptionFileError(ValueError):
     """A weights file that is not (or not verifiably) the FID network; the message says what to do."""
 
 
-def file_sha1(path, chunk=1 << 22):
-    digest = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha1(path):
+    return file_digest(path, 'sha1')
 
 
 def is_torchscript(path):

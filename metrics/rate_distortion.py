@@ -11,11 +11,17 @@ the rate between grid points uses the KL at the nearest grid point above (exact 
 Code step t = 0..T-1 is the paper's t = 1..T.
 """
 
+import argparse
 import csv
 import math
+import os
 
 import numpy as np
 import torch
+
+from data.process_cifar import DATASETS, load_dataset
+from runtime import add_runtime_options, resolve_device, write_json
+from sampling.generate import load_model
 
 PAPER = {'rate_bpd': 1.78, 'distortion_bpd': 1.97, 'rmse': 0.95}
 CSV_COLUMNS = ('t', 'reverse_steps', 'rate_bpd', 'rmse_0_255', 'kl_bpd')
@@ -123,3 +129,50 @@ def summary(result):
     return {'rate_bpd': float(result['rate_bpd'][final]), 'distortion_bpd': result['decoder_bpd'],
             'rmse_0_255_at_t1': float(result['rmse_0_255'][final]), 'num_images': result['num_images'],
             'paper': PAPER, 'finite': bool(math.isfinite(float(result['rate_bpd'][final])))}
+
+
+# ----- paper.py fig5 ------------------------------------------------------------------------------
+
+def add_data_options(p):
+    """--dataset, --data_dir, --seed and the runtime options: shared by fig5 and table2."""
+    p.add_argument('--dataset', choices=DATASETS, default='cifar10', help='where the (test) images come from')
+    p.add_argument('--data_dir', default='data', help='CIFAR-10 folder, or the image folder (train/ and test/)')
+    p.add_argument('--seed', type=int, default=0)
+    add_runtime_options(p)
+
+
+def add_fig5(p):
+    add_data_options(p)
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
+                   help='EMA weights (default: when present)')
+    p.add_argument('--num_images', type=int, default=100, help='test images')
+    p.add_argument('--stride', type=int, default=1, help='every stride-th step (1: all T, exact)')
+    p.add_argument('--batch_size', type=int, default=100)
+    p.add_argument('--out', default='runs/fig5', help='writes OUT.csv, OUT.png and OUT.json')
+
+
+def run_fig5(args):
+    """paper.py fig5: the CSV, the plot and the totals of `rate_distortion`; returns the files written."""
+    for name in ('num_images', 'stride', 'batch_size'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name} must be a positive integer, got {getattr(args, name)}')
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    device = str(resolve_device(args.device))
+    model, info = load_model(args.checkpoint, ema=args.ema, device=device)
+    test = load_dataset(args.dataset, args.data_dir, train=False)[:args.num_images]
+    result = rate_distortion(model, np.ascontiguousarray(test.permute(0, 2, 3, 1).numpy()), args.stride,
+                             args.batch_size, device, args.seed, not args.quiet)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_csv(result, args.out + '.csv')
+    totals = summary(result)
+    title = (f"{os.path.basename(args.checkpoint)} (step {info['step']}, {'EMA' if info['ema'] else 'raw'}), "
+             f"{totals['num_images']} test images: rate {totals['rate_bpd']:.2f}, distortion "
+             f"{totals['distortion_bpd']:.2f} bits/dim")
+    plot(result, args.out + '.png', title)
+    write_json(args.out + '.json', {**totals, 'checkpoint': info, 'stride': args.stride, 'seed': args.seed})
+    return [args.out + ext for ext in ('.csv', '.png', '.json')]
+
+
+FIG5 = ('Fig. 5: rate (bits/dim) and distortion (RMSE, 0-255) along the reverse chain', add_fig5, run_fig5)

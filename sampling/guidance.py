@@ -50,6 +50,9 @@ def check_labels(labels, n, num_classes, device):
 def resolve_class_label(num_classes, class_names, class_label, guidance_scale=0.0):
     """The class index of --class_label (an int, a digit string or a class name), ALL_CLASSES, or None;
     a one-line ValueError for a label the checkpoint cannot take."""
+    if num_classes is None and guidance_scale and class_label is None:   # adding a class would not help
+        raise ValueError(f'this checkpoint is unconditional (trained without --class_cond), so '
+                         f'--guidance_scale {guidance_scale:g} does not apply to it; drop it')
     if class_label is None:
         if guidance_scale:
             raise ValueError(f'--guidance_scale {guidance_scale:g} needs a class to guide towards: add '

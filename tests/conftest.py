@@ -20,6 +20,16 @@ TINY_TRAIN = dict(device='cpu', channels=(16, 32), num_res_blocks=1, attn_resolu
                   num_samples=0, sample_steps=2, log_every=1)
 
 
+# google/ddpm-cifar10-32's UNet2DModel config, key for key (tests/test_diffusers.py,
+# tests/test_ddim_format.py build it locally; nothing is downloaded).
+CIFAR10_32 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
+    down_block_types=['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'],
+    up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'], attention_head_dim=None,
+    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32, act_fn='silu',
+    time_embedding_type='positional', center_input_sample=False, mid_block_scale_factor=1)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def one_thread():
     """One CPU thread for every test: the tiny test models run faster on one thread than on two

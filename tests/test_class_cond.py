@@ -11,9 +11,11 @@ from PIL import Image
 
 import sample
 import sampling.generate as generation
+from sampling.generate import SampleRun
 from data.process_cifar import InMemoryLoader, load_dataset, to_model_range
 from diffusion import DDPM, create_cifar10_ddpm
 from sampling.guidance import drop_labels
+from sampling.options import SampleOptions
 from sampling.store import meta_difference, run_meta
 from train import train_ddpm
 from training.timestep_sampler import stream_seed
@@ -189,11 +191,11 @@ def test_sample_py_class_label_by_name_and_all_classes(cond_run, tmp_path, capsy
                            '--guidance_scale', '1'], capsys)
     with np.load(npz) as data:
         assert code == 0 and data['arr_0'].shape == (3, 16, 16, 3) and data['labels'].tolist() == [0, 0, 0]
-    by_index = generation.sample_checkpoint(path, 3, sampler='dpm-solver', steps=3, class_label=0, guidance_scale=1,
-                                        device='cpu', progress=False)
+    by_index = generation.sample_checkpoint(path, SampleOptions(sampler='dpm-solver', steps=3, guidance_scale=1),
+                                            SampleRun(3, class_label=0), device='cpu', progress=False)
     assert np.array_equal(by_index, np.load(npz)['arr_0'])
-    dogs = generation.sample_checkpoint(path, 3, sampler='dpm-solver', steps=3, class_label='dog', guidance_scale=1,
-                                    device='cpu', progress=False)
+    dogs = generation.sample_checkpoint(path, SampleOptions(sampler='dpm-solver', steps=3, guidance_scale=1),
+                                        SampleRun(3, class_label='dog'), device='cpu', progress=False)
     assert not np.array_equal(dogs, by_index)
     grid = str(tmp_path / 'all.png')
     code, _ = sample_main(['--checkpoint', path, '--classes', 'all', '--num_samples', '6', '--out', grid], capsys)
@@ -207,6 +209,7 @@ def test_sample_py_refuses_what_a_checkpoint_cannot_take(cond_run, tmp_path, cap
     save_checkpoint({'model_state_dict': plain.state_dict(), 'config': dict(
         arch='tiny', channels=[16, 32], attn_resolutions=[], image_size=8, timesteps=10)}, uncond)
     cases = [(uncond, ['--class_label', '3'], 'unconditional'),
+             (uncond, ['--guidance_scale', '3'], 'unconditional .* --guidance_scale 3 does not apply'),   # issue 22
              (cond_run[1], ['--class_label', 'bird'], "unknown class 'bird'"),
              (cond_run[1], ['--class_label', '2'], r'0\.\.1'),
              (cond_run[1], ['--guidance_scale', '2'], 'needs a class')]
@@ -221,12 +224,14 @@ def test_sample_py_refuses_what_a_checkpoint_cannot_take(cond_run, tmp_path, cap
 
 def test_run_meta_keeps_runs_with_other_labels_or_guidance_apart(cond_run):
     model = DDPM.from_checkpoint(cond_run[1])
-    base = dict(model=model, info={'sha256': 'x'}, sampler='ddim', steps=5, eta=0.0, seed=0, batch_size=4,
-                amp='fp32')
-    a = run_meta(**base, class_label=0, guidance_scale=1.0)
-    assert 'class_label' in meta_difference(a, run_meta(**base, class_label=1, guidance_scale=1.0))
-    assert 'guidance_scale' in meta_difference(a, run_meta(**base, class_label=0, guidance_scale=2.0))
-    unconditional = run_meta(**base)
+
+    def meta(class_label=None, guidance_scale=0.0):
+        options = SampleOptions('ddim', 5, guidance_scale=guidance_scale).resolve(model)
+        return run_meta(model, {'sha256': 'x'}, options, SampleRun(batch_size=4, class_label=class_label, amp='fp32'))
+    a = meta(class_label=0, guidance_scale=1.0)
+    assert 'class_label' in meta_difference(a, meta(class_label=1, guidance_scale=1.0))
+    assert 'guidance_scale' in meta_difference(a, meta(class_label=0, guidance_scale=2.0))
+    unconditional = meta()
     older = {k: v for k, v in unconditional.items() if k not in ('class_label', 'guidance_scale')}
     assert meta_difference(older, unconditional) == ''   # runs recorded before the keys were unconditional
 

@@ -107,6 +107,25 @@ def test_folder_walks_subfolders_skips_corrupt_and_ignores_other_files(tmp_path,
     assert 'notes.txt' not in out and 'hidden' not in out
 
 
+
+def test_folder_says_at_every_load_what_was_skipped_and_upscaled(tmp_path, capsys):
+    """Issue 22, item 5: 8x8 images trained at 16x16 are reported as upscaled, and a corrupt file as
+    skipped, on the first load and again when the decode cache is reused."""
+    for i in range(3):
+        solid('RGB', (8, 8), (i, 0, 0)).save(tmp_path / f'small{i}.png')
+    solid('RGB', (20, 16), (0, 9, 0)).save(tmp_path / 'big.png')
+    (tmp_path / 'broken.jpg').write_bytes(b'not a jpeg')
+    for load in ('decoded', 'cached'):
+        images = load_dataset('folder', str(tmp_path), image_size=16)
+        out = capsys.readouterr().out
+        assert images.shape == (4, 3, 16, 16)
+        assert ('from cache' in out) == (load == 'cached'), out
+        assert f'skipped 1 unreadable file, e.g. {tmp_path / "broken.jpg"}' in out, (load, out)
+        assert f'note: 3 images under {tmp_path} are smaller than 16 px and were upscaled to 16x16' in out, (load, out)
+    load_dataset('folder', str(tmp_path), image_size=8)   # at their own size nothing is upscaled
+    assert 'upscaled' not in capsys.readouterr().out
+
+
 def test_folder_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match='image folder not found'):
         load_dataset('folder', str(tmp_path / 'missing'))

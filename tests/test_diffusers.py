@@ -15,16 +15,10 @@ import convert
 import evaluate
 import sample
 import weights.diffusers_format as diffusers_io
+from conftest import CIFAR10_32
 from diffusion import DDPM, create_cifar10_ddpm
 from weights.checkpoint import CheckpointError, load_checkpoint
 
-# google/ddpm-cifar10-32's UNet2DModel config, key for key.
-CIFAR10_32 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
-    down_block_types=['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'],
-    up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'], attention_head_dim=None,
-    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32, act_fn='silu',
-    time_embedding_type='positional', center_input_sample=False, mid_block_scale_factor=1)
 # The paper's 256x256 models (celebahq, church, bedroom, cat): six levels, attention at 16x16.
 FAMILY_256 = dict(CIFAR10_32, sample_size=256, block_out_channels=[128, 128, 256, 256, 512, 512],
                   down_block_types=['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],

@@ -554,12 +554,12 @@ def clipped_inputs(step, seed=0):
 def test_clipped_ancestral_step_is_eq7_of_the_clipped_x0(step):
     """Algorithm 2 as the paper's code runs it: x_0 = clip(x_0_pred), then x_{t-1} = mu-tilde_t(x_t, x_0) +
     sqrt(beta_t) z, with mu-tilde_t from Eq. (7)."""
-    import sampling.samplers as samplers
+    from sampling.ancestral import sample_ancestral
     betas, alphas, abar, abar_prev = np_schedule()
     x_t, eps, x_0 = clipped_inputs(step)
     model = DDPM(Recorder(lambda x, t: eps), image_shape=(3, 4, 4))
-    t = torch.full((4,), step, dtype=torch.long)
-    x_prev, x_0_pred = samplers.ddpm_step(model, x_t, t, step, torch.Generator().manual_seed(7), True)
+    chain = sample_ancestral(model, x_t, list(range(step, -1, -1)), None, torch.Generator().manual_seed(7), True)
+    _, x_prev, x_0_pred = next(chain)   # the first step, t = step -> step - 1, of the chain's tail
     z = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(7)).double().numpy()
     mean = (betas[step] * np.sqrt(abar_prev[step]) * x_0 + (1 - abar_prev[step]) * np.sqrt(alphas[step]) * np_(x_t)) \
         / (1 - abar[step])
@@ -572,12 +572,13 @@ def test_clipped_ancestral_step_is_eq7_of_the_clipped_x0(step):
 def test_clipped_ddim_step_uses_the_eps_of_the_clipped_x0(step, prev, eta):
     """DDIM Eq. (12) with x_0 clipped: the direction term uses the eps that the clipped x_0 implies,
     eps' = (x_t - sqrt(a-bar_t) x_0) / sqrt(1 - a-bar_t), as in the DDIM code (prev = -1: a-bar = 1)."""
-    import sampling.samplers as samplers
+    from sampling.ddim import sample_ddim
     _, _, abar, _ = np_schedule()
     x_t, eps, x_0 = clipped_inputs(step, seed=1)
     model = DDPM(Recorder(lambda x, t: eps), image_shape=(3, 4, 4))
-    t = torch.full((4,), step, dtype=torch.long)
-    x_prev, _ = samplers.ddim_step(model, x_t, t, step, prev, eta, torch.Generator().manual_seed(3), True)
+    chain = sample_ddim(model, x_t, [step] + ([prev] if prev >= 0 else []), None, torch.Generator().manual_seed(3),
+                        True, eta)
+    _, x_prev, _ = next(chain)   # the step from `step` to `prev` (after the last step: a-bar = 1)
     a_t, a_prev = abar[step], (abar[prev] if prev >= 0 else 1.0)
     eps_clipped = (np_(x_t) - np.sqrt(a_t) * x_0) / np.sqrt(1 - a_t)
     sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))

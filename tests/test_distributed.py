@@ -154,8 +154,8 @@ def runs(tmp_path_factory):
     have_sampler = os.path.exists(os.path.join(ROOT, 'sample.py'))
     if have_sampler:
         spec.append({'kind': 'sample', 'name': 'sample', 'kwargs': dict(
-            checkpoint=os.path.join(r['one4'], 'ddpm_latest.pth'), num_samples=5, batch_size=2, sampler='ddim',
-            steps=2, seed=7, device='cpu', progress=False)})
+            checkpoint=os.path.join(r['one4'], 'ddpm_latest.pth'), options=dict(sampler='ddim', steps=2),
+            run=dict(num_samples=5, batch_size=2, seed=7), device='cpu', progress=False)})
     with open(tmp / 'jobs.json', 'w') as f:
         json.dump({'out': str(tmp / 'driver'), 'jobs': spec}, f)
     r['driver_out'] = torchrun([os.path.abspath(__file__), str(tmp / 'jobs.json')], cwd=tmp)
@@ -255,8 +255,9 @@ def test_sharded_sampling_equals_one_process(runs):
         pytest.skip('sample.py is not in this checkout')
     import numpy as np
     import sampling.generate as generation
-    one = generation.sample_checkpoint(os.path.join(runs['one4'], 'ddpm_latest.pth'), num_samples=5, batch_size=2,
-                                   sampler='ddim', steps=2, seed=7, device='cpu', progress=False)
+    from sampling.options import SampleOptions
+    one = generation.sample_checkpoint(os.path.join(runs['one4'], 'ddpm_latest.pth'), SampleOptions('ddim', 2),
+                                       generation.SampleRun(5, batch_size=2, seed=7), device='cpu', progress=False)
     two = np.load(runs['driver'] / 'sample.npy')
     assert one.shape == two.shape == (5, 16, 16, 3)
     assert np.array_equal(one, two)
@@ -308,6 +309,8 @@ def _run_jobs(jobs, out_dir, rank, train):
         elif job['kind'] == 'sample':
             import numpy as np
             import sampling.generate as generation
+            from sampling.options import SampleOptions
+            kw.update(options=SampleOptions(**kw['options']), run=generation.SampleRun(**kw['run']))
             images = generation.sample_checkpoint(**kw)
             if rank == 0:
                 np.save(os.path.join(out_dir, f'{job["name"]}.npy'), images)

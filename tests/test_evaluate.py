@@ -181,6 +181,42 @@ def test_cli_fid_of_a_checkpoint_samples_once(tmp_path, monkeypatch, capsys):
     assert sorted(e['options']['clip_denoised'] for e in data.values()) == [False, True]
 
 
+
+def test_fid_refuses_samples_and_reference_at_different_resolutions(tmp_path, monkeypatch, capsys):
+    """Issue 22, item 1: 16x16 samples against 8x8 references (an .npz, a folder, our cached statistics,
+    CIFAR-10's 32x32) are one line and exit 2, before the reference is read or samples drawn, with no
+    results written."""
+    from PIL import Image
+    samples, ref_npz, folder = tmp_path / 'samples.npz', tmp_path / 'ref.npz', tmp_path / 'ref_folder'
+    np.savez(samples, smooth_images(8, seed=1, size=16))
+    np.savez(ref_npz, smooth_images(8, seed=2))
+    folder.mkdir()
+    for i, image in enumerate(smooth_images(3, seed=3)):
+        Image.fromarray(image).save(folder / f'{i}.png')
+    stats = tmp_path / 'stats.npz'   # statistics as metrics/fid.py caches them, with their resolution
+    extractor, layer, _ = fid.load_feature_extractor(TINY)
+    written = fid.cached_statistics('ref8', smooth_images(8, seed=2), extractor, layer, cache_dir=str(tmp_path / 'c'),
+                                    progress=False)[-1]
+    os.replace(written, stats)
+    made = sorted(os.listdir(tmp_path))
+    assert fid.reference_resolution(str(ref_npz)) == (8, 8) and fid.reference_resolution(str(folder)) == (8, 8)
+    assert fid.reference_resolution('cifar10') == (32, 32) and fid.reference_resolution('x', str(stats)) == (8, 8)
+    monkeypatch.setattr(evaluate, 'reference_statistics', lambda *a, **k: pytest.fail('reference read first'))
+    monkeypatch.setattr(evaluate, 'sample_checkpoint', lambda *a, **k: pytest.fail('sampled first'))
+    tiny = ['--feature_extractor', TINY, '--device', 'cpu', '--quiet']
+    for ref, size in ((['--ref', str(ref_npz)], 8), (['--ref', str(folder)], 8), (['--ref_stats', str(stats)], 8),
+                      ([], 32)):
+        assert evaluate.main(['--samples', str(samples), '--fid', *ref, *tiny]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith(f'error: the samples are 16x16 but the reference images'), err
+        assert f'are {size}x{size}; FID needs both at one resolution' in err, err
+    ckpt = make_checkpoint(tmp_path / 'ddpm_latest.pth')   # 8x8 samples drawn from a model against CIFAR-10
+    made.append('ddpm_latest.pth')
+    assert evaluate.main(['--checkpoint', ckpt, '--fid', '--num_samples', '4', *tiny]) == 2
+    assert 'the samples are 8x8 but the reference images (cifar10) are 32x32' in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == sorted(made), 'no results or samples are written'
+
+
 def test_offline_errors_say_what_to_download(tmp_path, monkeypatch, capsys):
     import urllib.error
     import torch_fidelity.feature_extractor_inceptionv3 as inception

@@ -61,6 +61,18 @@ def test_unconditional_unet_has_no_class_parameters_and_rejects_labels():
     assert set(cond.state_dict()) - set(net.state_dict()) == {'class_embedding.weight'}
 
 
+
+def test_guidance_on_an_unconditional_checkpoint_says_so_first():
+    """Issue 22, item 2: --guidance_scale without a class on an unconditional checkpoint names the real
+    problem (adding --class_label would only fail next); on a conditional one it asks for a class."""
+    from sampling.guidance import resolve_class_label
+    with pytest.raises(ValueError, match='this checkpoint is unconditional .* --guidance_scale 3 does not apply'):
+        resolve_class_label(None, None, None, guidance_scale=3.0)
+    with pytest.raises(ValueError, match='needs a class to guide towards'):
+        resolve_class_label(10, None, None, guidance_scale=3.0)
+    assert resolve_class_label(None, None, None, guidance_scale=0.0) is None
+
+
 def test_null_class_with_a_zero_embedding_is_the_unconditional_network():
     """temb + 0 is temb: the null class (labels None, or the null index) computes the unconditional net's
     function exactly, and through the DDPM the same samples; a real class does not."""

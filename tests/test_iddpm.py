@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from conftest import TINY_TRAIN, load, make_image_folder
 from diffusion import DDPM, HYBRID_LAMBDA, create_cifar10_ddpm
-from sampling.samplers import ddim_timesteps, respaced
+from sampling.ancestral import respaced
+from sampling.timesteps import ddim_timesteps
 
 S, T = 0.008, 1000
 
@@ -257,7 +258,7 @@ def test_respaced_chain_keeps_the_subsequences_alphas_cumprod(schedule, steps):
     model = DDPM(EpsNu(nu=1.0), beta_schedule=schedule, learn_sigma=True, loss='hybrid', image_shape=(3, 4, 4))
     abar = np_linear_abar() if schedule == 'linear' else np_cosine_abar(clipped=True)
     seq = ddim_timesteps(T, steps).numpy()
-    chain = respaced(model, steps)
+    chain = respaced(model, ddim_timesteps(T, steps))
     assert chain.timesteps == len(seq) == steps
     # to float64 rounding: alpha_i = 1 - beta_i loses ~1e-16 absolute, the most a-bar ~ 1e-9 feels
     np.testing.assert_allclose(torch.cumprod(1.0 - chain.betas64, 0).numpy(), abar[seq], rtol=1e-12, atol=1e-16)

@@ -1,107 +1,107 @@
-"""paper.py's Table 2 and Fig. 5 (training/ablations.py, metrics/rate_distortion.py): the rate sums, the
-distortion scale, divergence reporting and the command lines' one-line errors."""
-import json
-import math
-import os
-
+"""paper.py fig6 / fig7 / fig8: pictures from a checkpoint alone, deterministic, one line for bad input."""
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from PIL import Image
 
 import paper
-from conftest import TINY_TRAIN, make_image_folder
-from diffusion import DDPM
-from metrics.rate_distortion import cumulative_rate, rate_distortion, step_grid
-from training.ablations import ROW_NAMES, TABLE2_ROWS, format_table2, row_key, run_table2, select_rows
+from diffusion import create_cifar10_ddpm
+from sampling.generate import batch_seed, trajectory
+from weights.checkpoint import save_checkpoint
+
+from conftest import make_image_folder
+
+T, SIZE = 10, 8
+UNET = dict(channels=(16, 32), num_res_blocks=1, attn_resolutions=(), image_size=SIZE, time_emb_dim=32)
 
 
-def test_cumulative_rate_sums_the_kl_terms_above_each_step():
-    prior, kl = 0.5, torch.tensor([9.0, 1.0, 2.0, 4.0], dtype=torch.float64)   # kl[0]: the decoder, not sent
-    rate = cumulative_rate(torch.arange(4), kl, prior, 4)
-    np.testing.assert_allclose(rate, [prior + 7.0, prior + 6.0, prior + 4.0, prior])
-    # stride 2 over T = 5: grid 0, 2, 4; steps 1 and 2 take grid step 2's KL, 3 and 4 grid step 4's
-    rate = cumulative_rate(step_grid(5, 2), torch.tensor([9.0, 1.0, 3.0], dtype=torch.float64), prior, 5)
-    np.testing.assert_allclose(rate, [prior + 1 + 1 + 3 + 3, prior + 3 + 3, prior])
-    assert step_grid(10, 4).tolist() == [0, 4, 8, 9]
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_cifar10_ddpm(timesteps=T, **UNET)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp('ckpt') / 'ckpt.pth'
+    config = {'arch': 'base', 'timesteps': T, **{k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()}}
+    save_checkpoint({'model_state_dict': model.state_dict(), 'ema_state_dict': None, 'config': config}, path)
+    return str(path)
 
 
-class ZeroEps(nn.Module):
-    in_channels, image_size = 3, 4
-
-    def forward(self, x_t, t):
-        return torch.zeros_like(x_t)
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('images'), 4, size=SIZE)
 
 
-def test_distortion_is_the_rmse_of_x0_pred_on_0_255_and_the_rate_ends_at_prior_plus_kl():
-    """eps_pred = 0 makes x_0_pred = x_t / sqrt(a-bar_t) = x_0 + sqrt(1 / a-bar_t - 1) eps: its RMSE on 0-255
-    is 127.5 sqrt(1 / a-bar_t - 1) (mid-grey images, so the clip to [-1, 1] never acts)."""
-    model = DDPM(ZeroEps(), timesteps=20, image_shape=(3, 4, 4))
-    images = np.full((200, 4, 4, 3), 128, dtype=np.uint8)
-    result = rate_distortion(model, images, stride=1, batch_size=50, progress=False)
-    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 20))
-    expected = 127.5 * np.sqrt(1 / abar - 1)
-    np.testing.assert_allclose(result['rmse_0_255'][:3], expected[:3], rtol=0.03)
-    assert result['rate_bpd'][0] == pytest.approx(result['prior_bpd'] + result['kl_bpd'][1:].sum(), rel=1e-9)
-    assert result['rate_bpd'][-1] == pytest.approx(result['prior_bpd'], rel=1e-9)
+def run(args, capsys):
+    code = paper.main([*args, '--device', 'cpu', '--quiet'])
+    return code, capsys.readouterr()
 
 
-def test_table2_rows_are_the_papers_and_a_diverging_row_is_reported():
-    assert len(TABLE2_ROWS) == 6 and [p is None for _, _, p in TABLE2_ROWS] == [False, False, True, True, False, False]
-    assert select_rows(['eps_L_simple'])[0][0] == 'eps, L_simple'
-    with pytest.raises(ValueError, match='unknown Table 2 row'):
-        select_rows(['eps_l2'])
-
-    class Stub(nn.Module):
-        train_stats = {'step': 3, 'nan_skipped': 0}
-
-    def train_fn(**kw):
-        if kw['prediction'] == 'mu':
-            raise FloatingPointError('training stopped: 10 non-finite losses in a row')
-        return Stub()
-    results = run_table2(train_fn, lambda m: ({'bpd': 4.5, 'bpd_stderr': 0.1, 'num_images': 8}, 99.0, True), {},
-                         'unused', rows=['mu_MSE', 'eps_L_simple'], say=lambda s: None)
-    assert [r['diverged'] for r in results] == [True, False]
-    table = format_table2(results, 200)
-    assert 'diverged' in table.splitlines()[2] and '4.500' in table and '99.0' in table and 'unstable' in table
+def grid_shape(path):
+    return np.asarray(Image.open(path)).shape[:2]
 
 
-def test_table2_and_fig5_command_lines(tmp_path, capsys):
-    data = tmp_path / 'img'
-    make_image_folder(data / 'train' / 'a', 8)
-    make_image_folder(data / 'test' / 'a', 4, seed=1)
-    out = tmp_path / 'table2'
-    argv = ['table2', '--dataset', 'folder', '--data_dir', str(data), '--steps', '2', '--batch_size', '4',
-            '--num_images', '4', '--fid_samples', '0', '--rows', 'eps_L_simple', 'eps_L_fixed_isotropic',
-            '--out_dir', str(out), '--device', 'cpu', '--arch', 'tiny']
-    import train
-    real = train.train_ddpm
-    small = {**{k: TINY_TRAIN[k] for k in ('channels', 'num_res_blocks', 'time_emb_dim')}, 'attn_resolutions': (16,)}
-    train.train_ddpm = lambda **kw: real(**{**kw, **small, 'timesteps': 20})
-    try:
-        assert paper.main(argv) == 0
-    finally:
-        train.train_ddpm = real
-    record = json.load(open(out / 'table2.json'))
-    assert [r['row'] for r in record['results']] == ['eps, L_simple', 'eps, L, fixed isotropic']
-    assert all(math.isfinite(r['bpd']) and r['steps'] == 2 for r in record['results'])
-    ckpt = out / row_key('eps, L_simple') / 'ddpm_latest.pth'
-    fig = tmp_path / 'fig' / 'f5'
-    assert paper.main(['fig5', '--checkpoint', str(ckpt), '--dataset', 'folder', '--data_dir', str(data),
-                       '--num_images', '4', '--stride', '5', '--out', str(fig), '--device', 'cpu', '--quiet']) == 0
-    rows = open(str(fig) + '.csv').read().splitlines()
-    assert rows[0] == 't,reverse_steps,rate_bpd,rmse_0_255,kl_bpd' and len(rows) == 1 + 5   # steps 0, 5, 10, 15, 19
-    assert os.path.getsize(str(fig) + '.png') > 1000
-    capsys.readouterr()
-    for bad, named in ((['fig5', '--checkpoint', str(tmp_path / 'nope.pth')], 'not found'),
-                       (['fig5', '--checkpoint', str(ckpt), '--stride', '0'], '--stride'),
-                       (['table2', '--rows', 'eps_l2', '--out_dir', str(tmp_path / 'x')], 'unknown Table 2 row'),
-                       (['table2', '--fid_samples', '10', '--out_dir', str(tmp_path / 'x')], '--fid_weights')):
-        assert paper.main(bad) == 2
-        err = capsys.readouterr().err
-        assert named in err and err.count('\n') == 1
-    assert not (tmp_path / 'x').exists()
+def tiles(n_rows, n_cols):
+    return (2 + n_rows * (SIZE + 2), 2 + n_cols * (SIZE + 2))
 
 
-def test_row_names_are_unique_folder_names():
-    assert len({row_key(n) for n in ROW_NAMES}) == len(ROW_NAMES)
+def test_fig6_columns_are_the_predicted_x0_and_end_with_the_sample(ckpt):
+    from sampling.generate import load_model
+    model, _ = load_model(ckpt, device='cpu')
+    ts, pred = trajectory(model, 2, seed=4, columns=4, progress=False, amp='fp32', predicted_x0=True)
+    _, chain = trajectory(model, 2, seed=4, columns=4, progress=False, amp='fp32')
+    assert ts[0] == T and ts[-1] == 0
+    assert np.array_equal(pred[:, -1], chain[:, -1])   # the last column: the sample itself
+    # the first: x_0 predicted from x_T, Eq. (4) inverted: (x_T - sqrt(1 - a-bar_T) eps) / sqrt(a-bar_T), clipped
+    # seeds per image: image i's x_T is the first draw of its own generator, seeded from (seed, i)
+    x_T = torch.stack([torch.randn((3, SIZE, SIZE), generator=torch.Generator().manual_seed(batch_seed(4, i)))
+                       for i in range(2)])
+    abar = model.alphas_cumprod[-1]
+    with torch.no_grad():
+        eps = model.network(x_T, torch.full((2,), T - 1))
+    x_0 = ((x_T - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+    expected = ((x_0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(pred[:, 0].astype(int) - expected).max() <= 1
+
+
+def test_every_figure_runs_from_the_checkpoint_and_repeats_with_its_seed(ckpt, images, tmp_path, capsys):
+    jobs = {'fig6': (['--num_samples', '2', '--columns', '5'], tiles(2, 5)),
+            'fig7': (['--images', images, '--num_images', '2', '--t', '10', '5', '--k', '3'], tiles(4, 5)),
+            'fig8': (['--images', images, '--num_pairs', '2', '--lambdas', '0', '0.5', '1'], tiles(2, 5)),
+            'noise': (['--noise', '--num_pairs', '1', '--lambdas', '0', '0.5', '1', '--sampler', 'ddim',
+                       '--steps', '5'], tiles(1, 3))}
+    for name, (args, shape) in jobs.items():
+        command = 'fig8' if name == 'noise' else name
+        for copy in ('a', 'b'):
+            code, out = run([command, '--checkpoint', ckpt, '--out', str(tmp_path / f'{name}{copy}.png'), *args],
+                            capsys)
+            assert code == 0 and out.out.startswith('wrote '), out.err
+        assert grid_shape(tmp_path / f'{name}a.png') == shape, name
+        assert (tmp_path / f'{name}a.png').read_bytes() == (tmp_path / f'{name}b.png').read_bytes(), name
+
+
+@pytest.mark.parametrize('args, message', [
+    (['fig7', '--images', 'IMAGES', '--t', '11'], r'1\.\.T=10'),
+    (['fig8', '--images', 'IMAGES', '--t', '0'], r'1\.\.T=10'),
+    (['fig8', '--images', 'TEXT'], 'is not an image file'),
+    (['fig8'], 'give --images'),
+    (['fig8', '--images', 'IMAGES', '--lambdas', '2'], r'lambdas must be numbers in \[0, 1\]'),
+    (['fig7', '--images', 'IMAGES', '--k', '0'], 'at least one sample'),
+])
+def test_bad_input_is_one_line_and_writes_nothing(ckpt, images, tmp_path, capsys, args, message):
+    import re
+    text = tmp_path / 'notes.jpg'
+    text.write_text('not an image')
+    out = tmp_path / 'out.png'
+    argv = [{'IMAGES': images, 'TEXT': str(text)}.get(a, a) for a in args] + ['--checkpoint', ckpt, '--out', str(out)]
+    code, captured = run(argv, capsys)
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), lines
+    assert not out.exists()
+
+
+def test_unknown_subcommand_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        paper.main(['fig9'])
+    assert e.value.code == 2 and 'invalid choice' in capsys.readouterr().err

@@ -125,10 +125,10 @@ def test_training_target_is_the_exact_predictors_value_without_noise_in_the_data
 
 def test_respaced_chain_reads_a_mu_prediction_at_the_original_step():
     """mu-tilde belongs to one original step: on a respaced chain the exact mu and eps predictors agree."""
-    from sampling.samplers import respaced
+    from sampling.ancestral import respaced
     x_t = draw_x_t(torch.arange(10))[1].float()
-    i = torch.arange(10)
-    means = [respaced(DDPM(Oracle(kind), prediction=kind, image_shape=SHAPE), 10).p_mean_variance(
+    i, seq = torch.arange(10), torch.linspace(0, T - 1, 10).round().long()
+    means = [respaced(DDPM(Oracle(kind), prediction=kind, image_shape=SHAPE), seq).p_mean_variance(
         x_t, i, clip_denoised=False)[0] for kind in ('eps', 'mu')]
     torch.testing.assert_close(means[1], means[0], atol=2e-4, rtol=0)
 

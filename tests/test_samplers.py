@@ -1,17 +1,20 @@
-"""Tests of the fast samplers in sampling/samplers.py: DPM-Solver++(2M) and the step spacings.
+"""Tests of the fast samplers in sampling/ (dpm_solver.py, timesteps.py): DPM-Solver++(2M) and the step spacings.
 
 The solvers are measured against the probability-flow ODE's exact solution for
 Gaussian data, with the exact noise predictor (test_diffusion.IdealGaussianEps,
 built from the test's own float64 schedule), never against themselves.
 """
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
 
-import sampling.samplers as samplers
 from diffusion import DDPM
-from sampling.samplers import spaced_timesteps
+from sampling.dpm_solver import dpm_solver_coefficients
+from sampling.options import SampleOptions, few_steps_warning, timesteps_of
+from sampling.timesteps import ddim_timesteps, distinct_steps, half_log_snr, spaced_timesteps
 from test_diffusion import MU, S, T, IdealGaussianEps, Recorder, np_schedule
 
 
@@ -107,7 +110,7 @@ def test_dpm_solver_coefficients_are_algorithm_2s():
     seq = [999, 700, 400, 150, 40, 5, 0]
     alpha, sigma = np.sqrt(abar[seq]), np.sqrt(1 - abar[seq])
     lam = np.log(alpha / sigma)
-    coefs = samplers.dpm_solver_coefficients(model, seq)
+    coefs = dpm_solver_coefficients(model, seq)
     assert len(coefs) == len(seq)
     for i, (c_x, c_d, w) in enumerate(coefs[:-1]):
         h = lam[i + 1] - lam[i]
@@ -163,7 +166,7 @@ def test_default_ddim_sequence_is_unchanged():
     for steps in range(2, 1001):
         expected = torch.linspace(0, 999, steps, dtype=torch.float64).round().long().tolist()
         assert spaced_timesteps(1000, steps).tolist() == expected, steps
-        assert samplers.ddim_timesteps(1000, steps).tolist() == expected, steps
+        assert ddim_timesteps(1000, steps).tolist() == expected, steps
     assert spaced_timesteps(1000, 1).tolist() == [999]
 
 
@@ -187,9 +190,9 @@ def test_distinct_steps_resolves_collisions_anywhere():
     """Positions that round to the same step (here in the middle and at the top) become consecutive steps,
     and the rounding elsewhere is untouched."""
     u = torch.tensor([0.0, 3.2, 5.1, 5.2, 5.3, 7.9, 8.7, 8.8, 9.0], dtype=torch.float64)
-    assert samplers.distinct_steps(u, 10).tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]   # 9 of 10: room decides
-    assert samplers.distinct_steps(u, 12).tolist() == [0, 3, 5, 6, 7, 8, 9, 10, 11]
-    assert samplers.distinct_steps(u[[0, 1, 2, 3, 4, 8]], 10).tolist() == [0, 3, 5, 6, 7, 9]
+    assert distinct_steps(u, 10).tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]   # 9 of 10: room decides
+    assert distinct_steps(u, 12).tolist() == [0, 3, 5, 6, 7, 8, 9, 10, 11]
+    assert distinct_steps(u[[0, 1, 2, 3, 4, 8]], 10).tolist() == [0, 3, 5, 6, 7, 9]
 
 
 def test_quadratic_spacing_is_ddims_quadratic_sequence():
@@ -208,8 +211,8 @@ def test_logsnr_spacing_is_uniform_in_lambda():
     from lambda_0 to lambda_{T-1} (the model's own buffers, checked here against the float64 schedule)."""
     lam = lambdas()
     model = DDPM(Recorder(), timesteps=T, image_shape=(1, 2, 2))
-    np.testing.assert_allclose(samplers.half_log_snr(model).numpy(), lam, rtol=1e-6, atol=1e-6)
-    seq = spaced_timesteps(T, 10, 'logsnr', samplers.half_log_snr(model)).numpy()
+    np.testing.assert_allclose(half_log_snr(model).numpy(), lam, rtol=1e-6, atol=1e-6)
+    seq = spaced_timesteps(T, 10, 'logsnr', half_log_snr(model)).numpy()
     target = np.linspace(lam[0], lam[-1], 10)
     gaps = np.abs(np.diff(lam))
     for t, want in zip(seq, target):
@@ -255,3 +258,53 @@ def test_bad_sampler_options_are_one_line_errors(kwargs):
     with pytest.raises(ValueError) as e:
         model.sample(1, progress=False, **kwargs)
     assert '\n' not in str(e.value)
+
+
+def test_few_steps_warning_below_the_readmes_smallest_recommendation():
+    """Issue 22, item 6: dpm-solver below 10 steps gets a one-line warning; other samplers, 10 steps and
+    more, no steps given, and out-of-range steps (an error elsewhere) get none."""
+    message = few_steps_warning('dpm-solver', 1)
+    assert message == 'dpm-solver with 1 step gives poor images; the README recommends at least 10 (20 for final samples)'
+    assert 'with 9 steps' in few_steps_warning('dpm-solver', 9)
+    for sampler, steps in (('dpm-solver', 10), ('dpm-solver', None), ('dpm-solver', 0), ('ddim', 1), ('ddpm', 2)):
+        assert few_steps_warning(sampler, steps) is None, (sampler, steps)
+
+
+# ----- SampleOptions: walks that start part-way, resolving, the command line ----------------------
+
+@pytest.mark.parametrize('sampler,steps,start', [('ddim', 5, 12), ('dpm-solver', 5, 12), ('ddpm', None, 7),
+                                                 ('ddpm', 5, 12)])
+def test_a_walk_started_part_way_calls_the_network_at_the_start_then_the_steps_below(sampler, steps, start):
+    """timesteps_of(start=s): x_T holds x_s, so the network sees s first, then the sampler's own steps below s
+    (uniform: round(linspace(0, T-1, steps)), numpy's; 'ddpm' unspaced: every step), and nothing above s."""
+    T = 20
+    net = Recorder()
+    model = DDPM(net, timesteps=T, image_shape=(1, 2, 2))
+    options = SampleOptions(sampler, steps, None if sampler == 'ddpm' else 'uniform').resolve(model)
+    walk = timesteps_of(model, options, start=start)
+    for _ in model.run_sampler(options, 2, 'cpu', torch.Generator().manual_seed(0), x_T=torch.zeros(2, 1, 2, 2),
+                               timesteps=walk):
+        pass
+    own = np.round(np.linspace(0, T - 1, steps)).astype(int) if steps else np.arange(T)
+    expected = [start] + sorted((int(s) for s in own if s < start), reverse=True)
+    assert walk == expected   # a respaced 'ddpm' chain too: its network sees the original steps
+    assert [int(t[0]) for _, t in net.calls] == expected
+
+
+def test_a_bad_start_is_a_one_line_error():
+    model = DDPM(Recorder(), timesteps=10, image_shape=(1, 2, 2))
+    options = SampleOptions().resolve(model)
+    for bad in (-1, 10, 2.5, True):
+        with pytest.raises(ValueError, match='start must be a code step in 0..9') as e:
+            timesteps_of(model, options, start=bad)
+        assert '\n' not in str(e.value)
+
+
+def test_resolved_options_resolve_to_themselves_and_from_args_keeps_missing_flags_default():
+    model = DDPM(Recorder(), timesteps=50, image_shape=(1, 2, 2))
+    for options in (SampleOptions(), SampleOptions('ddim'), SampleOptions('dpm-solver', 7, 'quadratic'),
+                    SampleOptions('ddim', 10, eta=1, clip_denoised=False, guidance_scale=2)):
+        once = options.resolve(model)
+        assert once.resolve(model) == once and None not in (once.steps, once.clip_denoised)
+    args = argparse.Namespace(sampler='ddim', steps=4, quiet=True)   # a CLI without --eta, --spacing, ...
+    assert SampleOptions.from_args(args) == SampleOptions(sampler='ddim', steps=4)

@@ -272,6 +272,23 @@ def test_missing_cifar10_without_network_says_how_to_put_it_in_place(tmp_path, m
     assert 'cifar-10-batches-py' in message and "dataset='folder'" in message
 
 
+def test_missing_cifar10_on_the_command_line_names_the_flags(tmp_path, monkeypatch, capsys):
+    """Issue 22, item 9: a command-line user is told the fix as flags, not as Python keywords."""
+    import torchvision.datasets.cifar as cifar
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(cifar, 'download_and_extract_archive', no_network)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SystemExit) as info:
+        train.main(['--dataset', 'cifar10', '--data_dir', str(tmp_path / 'empty'), '--device', 'cpu',
+                    '--checkpoint_dir', str(tmp_path / 'ckpt'), '--log_dir', str(tmp_path / 'runs')])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count('\n') == 1 and err.startswith('error: CIFAR-10 is not in '), err
+    assert '--dataset folder --data_dir <folder>' in err and "dataset='folder'" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ['empty']
+
+
 # ----- a pinned seeded run ------------------------------------------------------------------------
 
 def state_checksum(state_dict):

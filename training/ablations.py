@@ -10,17 +10,24 @@ diverged, never dropped.
 Fixed isotropic Sigma is sigma_t^2 = beta_t here, the paper's CIFAR-10 choice (its section 4).
 """
 
+import argparse
 import hashlib
 import math
 import os
 import time
 
+import numpy as np
 import torch
+
+from data.process_cifar import load_dataset
 
 from metrics.bpd import bits_per_dim
 from metrics.fid import (INCEPTION, cached_statistics, extract_features, feature_statistics, frechet_distance,
                          load_feature_extractor)
-from sampling.generate import generate
+from metrics.rate_distortion import add_data_options
+from runtime import resolve_device, write_json
+from sampling.generate import SampleRun, generate
+from sampling.options import SAMPLERS, SampleOptions
 
 # (name, DDPM options, the paper's (IS, IS std, FID) or None where its Table 2 says unstable)
 TABLE2_ROWS = (
@@ -82,8 +89,9 @@ def make_scorer(test_images, fid_score, fid_samples, sampler, steps, seed, devic
                              generator=torch.Generator().manual_seed(seed))
         if not bool(torch.isfinite(probe).all()):
             return bpd, None, False
-        samples = generate(model, fid_samples, min(250, fid_samples), sampler, steps, 0.0, seed, device,
-                           progress=False, clip_denoised=True)
+        samples = generate(model, SampleOptions(sampler=sampler, steps=steps, clip_denoised=True),
+                           SampleRun(num_samples=fid_samples, batch_size=min(250, fid_samples), seed=seed, amp='fp32'),
+                           device=device, progress=False)
         return bpd, fid_score(samples), True
     return score
 
@@ -146,3 +154,73 @@ def format_table2(results, fid_samples):
             f'paper NLL |\n|---|---|---|---|---|---|')
     return '\n'.join([head] + [format_row(r) for r in results])
 
+
+
+# ----- paper.py table2 ----------------------------------------------------------------------------
+
+def check_counts(args, names):
+    """A one-line ValueError for a count that must be a positive integer."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name} must be a positive integer, got {getattr(args, name)}')
+
+
+def load_split(args, train, count):
+    """uint8 [N, H, W, C]: the first `count` test images, or `count` seeded training images."""
+    images = load_dataset(args.dataset, args.data_dir, train=train)
+    if train:
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]]
+    return np.ascontiguousarray(images[:count].permute(0, 2, 3, 1).numpy())
+
+
+def add_table2(p):
+    add_data_options(p)
+    p.add_argument('--rows', nargs='+', default=None, help='row names (e.g. eps_L_simple); default: all six')
+    p.add_argument('--steps', type=int, default=500, help='optimizer steps per row')
+    p.add_argument('--arch', default='tiny', help="the U-Net of every row ('tiny', 'base', 'ddpm-paper')")
+    p.add_argument('--batch_size', type=int, default=64)
+    p.add_argument('--lr', type=float, default=2e-4)
+    p.add_argument('--warmup_steps', type=int, default=100)
+    p.add_argument('--ema_decay', type=float, default=0.995, help='short runs need a short EMA')
+    p.add_argument('--num_images', type=int, default=200, help='test images for bits/dim (8 KL terms each)')
+    p.add_argument('--fid_samples', type=int, default=500, help='samples per row for FID-k (0: no FID)')
+    p.add_argument('--fid_ref_images', type=int, default=5000, help='training images FID compares against')
+    p.add_argument('--fid_weights', default=None, help='Inception weights file (e.g. inception-2015-12-05-nv.pt)')
+    p.add_argument('--sampler', choices=SAMPLERS, default='dpm-solver')
+    p.add_argument('--sample_steps', type=int, default=20)
+    p.add_argument('--out_dir', default='runs/table2')
+
+
+def run_table2_command(args, train_fn):
+    """paper.py table2: train and score the rows, print the table; returns the files written."""
+    select_rows(args.rows)   # an unknown row fails before any work
+    check_counts(args, ('steps', 'batch_size', 'num_images', 'fid_ref_images', 'sample_steps'))
+    if args.fid_samples and not (args.fid_weights and os.path.isfile(args.fid_weights)):
+        raise FileNotFoundError(f'--fid_samples {args.fid_samples} needs --fid_weights, an existing Inception file '
+                                f'(got {args.fid_weights!r}); or pass --fid_samples 0 for bits/dim only')
+    device = str(resolve_device(args.device))
+    test = load_split(args, False, args.num_images)
+    fid_score = fid_scorer(load_split(args, True, args.fid_ref_images), args.fid_weights, device) \
+        if args.fid_samples else None
+    score = make_scorer(test, fid_score, args.fid_samples, args.sampler, args.sample_steps, args.seed, device)
+    common = dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, max_steps=args.steps,
+                  num_epochs=10 ** 6, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                  ema_decay=args.ema_decay, seed=args.seed, device=device, amp='fp32', num_samples=0,
+                  save_every=10 ** 6, sample_every=10 ** 6, log_every=50, resume='latest')
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = time.time()
+    results = run_table2(train_fn, score, common, args.out_dir, args.rows)
+    table = format_table2(results, args.fid_samples)
+    paths = [os.path.join(args.out_dir, 'table2.json'), os.path.join(args.out_dir, 'table2.md')]
+    options = {k: v for k, v in vars(args).items() if not callable(v)}   # (paper.py's dispatch adds `run`)
+    write_json(paths[0], {'options': options, 'results': results, 'seconds': round(time.time() - start, 1)})
+    with open(paths[1], 'w') as f:
+        f.write(table + '\n')
+    print(table)
+    return paths
+
+
+def table2_subcommand(train_fn):
+    """paper.py's (help, add_arguments, run) entry for table2; train_fn is train.train_ddpm."""
+    return ('Table 2: the prediction / objective / variance ablation, trained and scored',
+            add_table2, lambda args: run_table2_command(args, train_fn))

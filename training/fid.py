@@ -17,7 +17,8 @@ import numpy as np
 
 from metrics.fid import (INCEPTION, cached_statistics, extract_features, extractor_id, feature_statistics,
                          frechet_distance, load_feature_extractor)
-from sampling.generate import generate
+from sampling.generate import SampleRun, generate
+from sampling.options import SampleOptions, fast_steps
 from weights.checkpoint import load_checkpoint
 
 SAMPLE_BATCH = 250      # images per sampling batch (with the seed it fixes the samples; see sample.py)
@@ -30,27 +31,28 @@ OFF_HINT = ('FID during training is off; turn it on with --fid_every N (offline 
 class FIDDuringTraining:
     """FID of the EMA model's samples against the training images, and the best one so far.
 
-    images: the training set as uint8 [N, C, H, W] (CPU). Construction loads the
-    feature extractor and the reference statistics on rank 0, so missing weights
-    fail before the first training step.
+    images: the training set as uint8 [N, C, H, W] (CPU); c: the run's TrainConfig (fid_samples, fid_sampler,
+    fid_steps, fid_weights, seed, amp, checkpoint_dir). Construction loads the feature extractor and the
+    reference statistics on rank 0, so missing weights fail before the first training step.
     """
 
-    def __init__(self, images, num_samples, sampler, steps, seed, weights, device, amp, checkpoint_dir, dist,
-                 say=print, cache_dir=None):
-        steps = None if sampler == 'ddpm' else steps   # 'ddpm' runs all T steps
-        self.num_samples, self.sampler, self.steps, self.seed = num_samples, sampler, steps, seed
-        self.device, self.amp, self.dist, self.say = device, amp, dist, say
-        self.best_path = os.path.join(checkpoint_dir, BEST_FILE)
+    def __init__(self, images, c, device, dist, say=print, cache_dir=None):
+        num_samples, sampler, steps = c.fid_samples, c.fid_sampler, fast_steps(c.fid_sampler, c.fid_steps)
+        self.options = SampleOptions(sampler, steps)
+        self.run = SampleRun(num_samples, min(SAMPLE_BATCH, num_samples), c.seed, amp=c.amp)
+        self.device, self.dist, self.say = device, dist, say
+        self.best_path = os.path.join(c.checkpoint_dir, BEST_FILE)
         self.best = None
         if not dist.is_main:
             return
-        self.extractor, self.fid_layer, _ = load_feature_extractor(INCEPTION, weights, device, cache_dir=cache_dir)
+        self.extractor, self.fid_layer, _ = load_feature_extractor(INCEPTION, c.fid_weights, device,
+                                                                   cache_dir=cache_dir)
         pixels = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy())
         ref_id = f'train-{hashlib.sha256(pixels).hexdigest()[:12]}'   # the content: no re-decoding, any dataset
         self.mu, self.sigma, self.ref_count, _, _ = cached_statistics(
             ref_id, pixels, self.extractor, self.fid_layer, cache_dir, FEATURE_BATCH, device,
             source=f'the {len(pixels)} training images')
-        self.settings = {'num_samples': num_samples, 'sampler': sampler, 'steps': steps, 'seed': seed,
+        self.settings = {'num_samples': num_samples, 'sampler': sampler, 'steps': steps, 'seed': c.seed,
                          'feature_extractor': extractor_id(self.extractor, self.fid_layer), 'ref_id': ref_id}
         self.best = self._previous_best()
 
@@ -67,9 +69,7 @@ class FIDDuringTraining:
     def evaluate(self, ema_model, epoch, step):
         """Sample and score (every rank samples its share); on rank 0 the FID record, elsewhere None."""
         start = time.time()
-        images = generate(ema_model, self.num_samples, min(SAMPLE_BATCH, self.num_samples), self.sampler,
-                          self.steps, 0.0, self.seed, self.device, dist=self.dist, progress=self.dist.is_main,
-                          amp=self.amp)
+        images = generate(ema_model, self.options, self.run, self.device, self.dist, progress=self.dist.is_main)
         if images is None:
             return None
         features = extract_features(images, self.extractor, FEATURE_BATCH, self.device, progress=False)

@@ -1,4 +1,4 @@
-"""The training loop's parts: a `TrainLoop` built from a resolved config, run by train.py's train_ddpm.
+"""The training loop's parts: a `TrainLoop` built from a resolved TrainConfig, run by train.py's train_ddpm.
 
     TrainLoop(config, dist, ckpt).run()
         __init__     the run's state: model, EMA copy, optimizer, data, logs (resumed from ckpt if given)
@@ -32,8 +32,9 @@ import torch.distributed as torch_dist
 from data.process_cifar import InMemoryLoader, load_dataset
 from diffusion import create_cifar10_ddpm
 from model.presets import model_kwargs
-from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, plain, use_channels_last
+from runtime import GracefulStop, amp_dtype, autocast, environment_info, keep_freed_memory, use_channels_last
 from sampling.guidance import drop_labels
+from training.config import batch_split
 from training.reports import evaluate_fid, sample_grid
 from training.timestep_sampler import ImportanceSampler, step_noise, stream_seed
 from weights.checkpoint import load_model_state, save_checkpoint
@@ -56,36 +57,55 @@ def ema_decay_at(step, ema_decay):
     return min(ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def check_classes(config, classes, resumed_classes=None):
+    """A class-conditional run's class names; a resumed run's must be the data's."""
+    if resumed_classes is not None and list(resumed_classes) != list(classes):
+        raise ValueError(f'the resumed run was trained on the classes {list(resumed_classes)}, but '
+                         f'{config.data_dir} has {classes}; resume it on the same dataset')
+    if len(classes) < 2:
+        raise ValueError(f'class_cond needs at least two classes, {config.data_dir} has {classes}')
+    return list(classes)
+
+
+def run_record(config, class_names=None):
+    """What config.json and every checkpoint store: the options as plain types, plus the data's classes
+    for a class-conditional run (so a checkpoint alone rebuilds its model)."""
+    record = config.to_dict()
+    if class_names is not None:
+        record.update(num_classes=len(class_names), class_names=list(class_names))
+    return record
+
+
 class TrainLoop:
     """One training run; see the module docstring for the parts."""
 
     def __init__(self, config, dist, ckpt=None, resume_path=None):
         from tqdm.auto import tqdm
-        self.c, self.dist, self.device = config, dist, dist.device
+        self.c, self.dist, self.device = config, dist, dist.device   # the config is read, never written
         self.is_main = dist.is_main
-        c, world_size = config, dist.world_size
-        if c['batch_size'] % (world_size * c['accum_steps']):
-            raise ValueError(f'batch_size={c["batch_size"]} must be divisible by world_size x accum_steps = '
-                             f'{world_size} x {c["accum_steps"]}; pick a multiple of {world_size * c["accum_steps"]}')
-        self.per_rank = c['batch_size'] // world_size
-        self.micro = self.per_rank // c['accum_steps']
-        self._load_data()   # first: a class-conditional model takes its number of classes from the data
+        c = config
+        self.per_rank, self.micro = batch_split(c, dist.world_size)
+        # The run's state beside its config: a class-conditional model's classes come from the data.
+        resumed_classes = (ckpt.get('config') or {}).get('class_names') if ckpt is not None else None
+        self.class_names = self._load_data(resumed_classes)
+        self.num_classes = len(self.class_names) if self.class_names is not None else None
+        self.plain_config = run_record(c, self.class_names)
         self._build_model(ckpt, resume_path)
         self.steps_per_epoch = len(self.loader)
-        self.total_steps = self.steps_per_epoch * c['num_epochs']
-        if c['max_steps'] is not None:
-            self.total_steps = min(self.total_steps, c['max_steps'])
+        self.total_steps = self.steps_per_epoch * c.num_epochs
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
         self.step = int(ckpt['step']) if ckpt is not None else 0
         self.nan_skipped = int(ckpt.get('nan_skipped', 0)) if ckpt is not None else 0
         self.scale_skipped = int(ckpt.get('scale_skipped', 0)) if ckpt is not None else 0
         self.bad_in_a_row, self.stop_reason, self.stop, self.stop_agreed = 0, None, None, False
         self.grid_made_at = None
-        self.latest_path = os.path.join(c['checkpoint_dir'], 'ddpm_latest.pth')
+        self.latest_path = os.path.join(c.checkpoint_dir, 'ddpm_latest.pth')
         self.noise_generator = torch.Generator(device=self.device)
-        self.t_sampler = ImportanceSampler(c['timesteps']) if c.get('importance_sampling') else None
+        self.t_sampler = ImportanceSampler(c.timesteps) if c.importance_sampling else None
         if self.t_sampler is not None and ckpt is not None and ckpt.get('timestep_sampler') is not None:
             self.t_sampler.load_state_dict(ckpt['timestep_sampler'])
-        self.cond_generator = torch.Generator(device=self.device) if c['class_cond'] else None
+        self.cond_generator = torch.Generator(device=self.device) if c.class_cond else None
         self.log_t, self.log_images, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
         self._open_logs()
         self._start_fid()
@@ -104,15 +124,15 @@ class TrainLoop:
     def _build_model(self, ckpt, resume_path):
         """Model, EMA copy and Adam; the same seed gives every rank the same initial weights."""
         c, device = self.c, self.device
-        torch.manual_seed(c['seed'])
-        self.raw_model = create_cifar10_ddpm(**model_kwargs(c)).to(device)
+        torch.manual_seed(c.seed)
+        self.raw_model = create_cifar10_ddpm(**model_kwargs(self.plain_config)).to(device)  # as from_checkpoint
         if ckpt is not None:
             load_model_state(self.raw_model, ckpt['model_state_dict'], source=resume_path)
         self.ema_model = copy.deepcopy(self.raw_model).requires_grad_(False).eval()
         if ckpt is not None and ckpt.get('ema_state_dict') is not None:
             load_model_state(self.ema_model, ckpt['ema_state_dict'], source=resume_path)
-        self.autocast_dtype = amp_dtype(c['amp'], device)
-        self.channels_last = use_channels_last(c['channels_last'], device, self.autocast_dtype)
+        self.autocast_dtype = amp_dtype(c.amp, device)
+        self.channels_last = use_channels_last(c.channels_last, device, self.autocast_dtype)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         if device.type == 'cpu':
             keep_freed_memory()
@@ -125,7 +145,7 @@ class TrainLoop:
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.ema_params = list(self.ema_model.parameters())
         adam_kwargs = {'fused': True} if device.type in ('cuda', 'cpu') else {'foreach': True}
-        self.optimizer = torch.optim.Adam(self.params, lr=c['lr'], **adam_kwargs)
+        self.optimizer = torch.optim.Adam(self.params, lr=c.lr, **adam_kwargs)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
@@ -137,11 +157,11 @@ class TrainLoop:
             from torch.nn.parallel import DistributedDataParallel
             self.train_module = DistributedDataParallel(
                 self.raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
-        if c['compile']:
+        if c.compile:
             self.train_module = torch.compile(self.train_module)
 
-    def _load_data(self):
-        """The whole set as uint8 on the device; batches are sliced from it.
+    def _load_data(self, resumed_classes=None):
+        """The whole set as uint8 on the device, batches sliced from it; returns the class names (class_cond) or None.
 
         Ranks load in turns so that a CIFAR-10 download or a folder's decode cache is
         written once, never by two processes at a time: rank 0 first, then the first
@@ -153,37 +173,26 @@ class TrainLoop:
         labels = None
         for t in range(3 if dist.world_size > 1 else 1):
             if t == turn:
-                data = load_dataset(c['dataset'], c['data_dir'], image_size=c['image_size'], train=True,
-                                    labels=c['class_cond'])
-                self.images, labels, classes = data if c['class_cond'] else (data, None, None)
+                data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, train=True,
+                                    labels=c.class_cond)
+                self.images, labels, classes = data if c.class_cond else (data, None, None)
             dist.barrier()
-        if c['class_cond']:
-            self._set_classes(classes)
-        self.loader = InMemoryLoader(self.images, c['batch_size'], seed=c['seed'], rank=dist.rank,
+        class_names = check_classes(c, classes, resumed_classes) if c.class_cond else None
+        self.loader = InMemoryLoader(self.images, c.batch_size, seed=c.seed, rank=dist.rank,
                                      world_size=dist.world_size, device=self.device, labels=labels)
-
-    def _set_classes(self, classes):
-        """num_classes and class_names into the config (and so into every checkpoint); a resumed run's must match."""
-        c = self.c
-        if c.get('class_names') is not None and list(c['class_names']) != list(classes):
-            raise ValueError(f'the resumed run was trained on the classes {list(c["class_names"])}, but '
-                             f'{c["data_dir"]} has {classes}; resume it on the same dataset')
-        if len(classes) < 2:
-            raise ValueError(f'class_cond needs at least two classes, {c["data_dir"]} has {classes}')
-        c['num_classes'], c['class_names'] = len(classes), list(classes)
+        return class_names
 
     def _open_logs(self):
         """config.json and TensorBoard under log_dir/run_name (rank 0), and the run's opening lines."""
         from torch.utils.tensorboard import SummaryWriter
         c = self.c
         self.env = environment_info()
-        self.run_dir = os.path.join(c['log_dir'], c['run_name'])
-        self.plain_config = {k: plain(v) for k, v in c.items()}
+        self.run_dir = os.path.join(c.log_dir, c.run_name)
         self.writer = None
         if not self.is_main:
             return
         os.makedirs(self.run_dir, exist_ok=True)
-        os.makedirs(c['checkpoint_dir'], exist_ok=True)
+        os.makedirs(c.checkpoint_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, 'config.json'), 'w') as f:
             json.dump({'config': self.plain_config, 'environment': self.env, 'world_size': self.dist.world_size},
                       f, indent=2)
@@ -192,7 +201,7 @@ class TrainLoop:
                                                                            **self.env}.items()), self.step)
         self.say('config: ' + json.dumps(self.plain_config))
         self.say(f'{len(self.images)} training images, {self.steps_per_epoch} steps/epoch, global batch '
-                 f'{c["batch_size"]} = {self.dist.world_size} rank(s) x {c["accum_steps"]} micro-batch(es) x '
+                 f'{c.batch_size} = {self.dist.world_size} rank(s) x {c.accum_steps} micro-batch(es) x '
                  f'{self.micro} images; device {self.device}, amp {self.autocast_dtype or "fp32"}, '
                  f'{"channels_last" if self.channels_last else "NCHW"}, '
                  f'{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters; git {self.env["git_commit"]}')
@@ -201,11 +210,10 @@ class TrainLoop:
         """FID during training (training/fid.py) when fid_every > 0; it loads its Inception weights now, before step 1."""
         from training.fid import OFF_HINT, FIDDuringTraining
         c, self.fid, self.fid_postfix = self.c, None, {}
-        if not c['fid_every']:
+        if not c.fid_every:
             self.say(OFF_HINT)
             return
-        self.fid = FIDDuringTraining(self.images, c['fid_samples'], c['fid_sampler'], c['fid_steps'], c['seed'],
-                                     c['fid_weights'], self.device, c['amp'], c['checkpoint_dir'], self.dist, self.say)
+        self.fid = FIDDuringTraining(self.images, c, self.device, self.dist, self.say)
 
     # ----- the loop -------------------------------------------------------------------------
 
@@ -218,9 +226,9 @@ class TrainLoop:
         with GracefulStop() as self.stop, closing(self.bar):
             while self.step < self.total_steps and self.stop_reason is None:
                 self.loader.set_epoch(epoch)
-                self.bar.set_description(f'epoch {epoch + 1}/{c["num_epochs"]}')
+                self.bar.set_description(f'epoch {epoch + 1}/{c.num_epochs}')
                 for batch in self.loader.iterate(start_batch):
-                    x_0, labels = batch if c['class_cond'] else (batch, None)
+                    x_0, labels = batch if c.class_cond else (batch, None)
                     loss, grad_norm, finite = self.run_step(x_0, labels)
                     if self.bad_in_a_row >= MAX_BAD_STEPS:
                         self.stop_reason = 'nan'
@@ -243,25 +251,25 @@ class TrainLoop:
         c, rank, per_rank = self.c, self.dist.rank, self.per_rank
         x_0 = x_0.contiguous(memory_format=self.memory_format)
         # t and eps for the global batch from (seed, step); this rank takes its slice.
-        t_all, eps_all, w_all = step_noise(self.noise_generator, c['seed'], self.step, c['batch_size'],
-                                           tuple(self.images.shape[1:]), c['timesteps'], self.t_sampler)
+        t_all, eps_all, w_all = step_noise(self.noise_generator, c.seed, self.step, c.batch_size,
+                                           tuple(self.images.shape[1:]), c.timesteps, self.t_sampler)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         t, eps, weights = t_all[mine], eps_all[mine], w_all[mine] if w_all is not None else None
         if labels is not None:
-            labels = drop_labels(self.cond_generator, stream_seed('cond', c['seed'], self.step), labels,
-                                 c['p_uncond'], self.raw_model.network.null_class, c['batch_size'], rank)
-        torch.manual_seed(stream_seed('dropout', c['seed'], self.step, rank))
+            labels = drop_labels(self.cond_generator, stream_seed('cond', c.seed, self.step), labels,
+                                 c.p_uncond, self.raw_model.network.null_class, c.batch_size, rank)
+        torch.manual_seed(stream_seed('dropout', c.seed, self.step, rank))
         for group in self.optimizer.param_groups:
-            group['lr'] = c['lr'] * min(1.0, (self.step + 1) / max(1, c['warmup_steps']))
+            group['lr'] = c.lr * min(1.0, (self.step + 1) / max(1, c.warmup_steps))
         loss, per_image = self.forward_backward(x_0, t, eps, weights, labels)
         self.scaler.unscale_(self.optimizer)   # clip the true gradients (a no-op without fp16)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'] if c['grad_clip'] > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else math.inf)
         # A NaN/inf loss can come with finite gradients (e.g. a NaN added outside the graph): check both.
         loss_ok, grads_ok = self.agree(torch.isfinite(torch.as_tensor(loss)), torch.isfinite(grad_norm))
         finite = loss_ok and grads_ok
         if finite:
             self.scaler.step(self.optimizer)   # optimizer.step(), through the scaler when it is on
-            ema_update(self.ema_params, self.params, ema_decay_at(self.step, c['ema_decay']))
+            ema_update(self.ema_params, self.params, ema_decay_at(self.step, c.ema_decay))
             self.bad_in_a_row = 0
             if self.t_sampler is not None:
                 self.t_sampler.update(t_all, per_image, self.dist.world_size)
@@ -286,7 +294,7 @@ class TrainLoop:
 
         Returns the mean loss and, for importance sampling, this rank's per-image losses (else None).
         """
-        accum, micro, loss_value, per_image = self.c['accum_steps'], self.micro, 0.0, []
+        accum, micro, loss_value, per_image = self.c.accum_steps, self.micro, 0.0, []
         for m in range(accum):
             sl = slice(m * micro, (m + 1) * micro)
             sync = m == accum - 1 or self.dist.world_size == 1
@@ -326,8 +334,8 @@ class TrainLoop:
         c = self.c
         if finite:  # a skipped step's NaN stays out of the logged mean
             self.loss_sum, self.loss_count = self.loss_sum + float(loss), self.loss_count + 1
-        self.log_images += c['batch_size']
-        if not ((self.step % c['log_every'] == 0 or self.step == self.total_steps) and self.loss_count):
+        self.log_images += c.batch_size
+        if not ((self.step % c.log_every == 0 or self.step == self.total_steps) and self.loss_count):
             return
         mean_loss = self.loss_sum / self.loss_count
         if self.dist.world_size > 1:  # the loss of the global batch, not only of rank 0's share of it
@@ -348,12 +356,12 @@ class TrainLoop:
     # ----- epoch ends and the end of the run ------------------------------------------------
 
     def end_of_epoch(self, epoch):
-        if epoch % self.c['save_every'] == 0:
+        if epoch % self.c.save_every == 0:
             path = self.save(tag_epoch=epoch)
             self.say(f'saved {path} and ddpm_epoch_{epoch}.pth')
-        if epoch % self.c['sample_every'] == 0:
+        if epoch % self.c.sample_every == 0:
             sample_grid(self, epoch)
-        if self.fid is not None and epoch % self.c['fid_every'] == 0:
+        if self.fid is not None and epoch % self.c.fid_every == 0:
             evaluate_fid(self, epoch)
         self.dist.barrier()
 
@@ -408,5 +416,5 @@ class TrainLoop:
             return None
         state = self.state()
         if tag_epoch is not None:
-            save_checkpoint(state, os.path.join(self.c['checkpoint_dir'], f'ddpm_epoch_{tag_epoch}.pth'))
+            save_checkpoint(state, os.path.join(self.c.checkpoint_dir, f'ddpm_epoch_{tag_epoch}.pth'))
         return save_checkpoint(state, self.latest_path)

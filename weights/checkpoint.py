@@ -8,9 +8,11 @@ imports the DDPM, so the readers sit below diffusion.py in the import graph.
 """
 
 import os
+import sys
 
 import torch
 
+import weights.ddim_format as ddim_format
 from model.presets import LEGACY_DEFAULTS, MODEL_OPTIONS, model_kwargs
 from runtime import atomic_write, closest
 from weights.diffusers_format import load_diffusers
@@ -22,20 +24,35 @@ def load_checkpoint(path, map_location='cpu'):
 
     A raw state_dict (a dict of tensors) is accepted and returned as
     {'model_state_dict': state_dict}; a diffusers folder is converted to the
-    same dict, config included (weights.diffusers_format.load_diffusers).
+    same dict, config included (weights.diffusers_format.load_diffusers); so are the DDIM /
+    pytorch_diffusion format (a Model state_dict or a DDIM ckpt.pth) and a release
+    name such as 'ema_cifar10' (downloaded once; weights/ddim_format.py).
     """
-    path = os.fspath(path)
+    path = resolve_checkpoint(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f'checkpoint not found: {path} (check the path, or train one with python train.py)')
     if os.path.isdir(path):  # a diffusers UNet2DModel or DDPMPipeline folder
         return load_diffusers(path)
-    ckpt = read_torch_file(path, map_location)
+    ckpt = read_torch_file(path, map_location, accept=ddim_format.is_training_checkpoint)
+    if ddim_format.recognises(ckpt):
+        try:
+            return ddim_format.to_checkpoint(ckpt, path)
+        except ddim_format.DDIMFormatError as e:
+            raise CheckpointError(str(e)) from None
     if 'model_state_dict' not in ckpt:
         if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
             return {'model_state_dict': ckpt}
         raise CheckpointError(f'{path} is not a DDPM checkpoint: it has no model_state_dict '
                               f'(keys: {sorted(ckpt)[:8]})')
     return ckpt
+
+
+def resolve_checkpoint(path):
+    """A release name of the DDIM format ('ema_cifar10', ...) -> its downloaded file; other paths unchanged."""
+    try:
+        return ddim_format.resolve(path)
+    except ddim_format.DDIMFormatError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def save_checkpoint(obj, path):
@@ -133,8 +150,11 @@ def checkpoint_parts(ckpt, ema=True, **model_options):
             raise ValueError(f'unknown model option {key!r}{closest(key, MODEL_OPTIONS)}; '
                              f'valid: {list(MODEL_OPTIONS)}')
     stored = ckpt.get('config') or {}
-    config = model_kwargs({**LEGACY_DEFAULTS, **stored, **model_options})
+    options = {**LEGACY_DEFAULTS, **stored, **model_options, **_keep_attention_levels(stored, model_options)}
+    config = model_kwargs(options)
     key = 'ema_state_dict' if ema and ckpt.get('ema_state_dict') is not None else 'model_state_dict'
+    if ema:
+        say_when_ema_is_missing(ckpt)
     advice = None
     if not stored and not model_options:
         advice = ("it carries no config (a bare state_dict), so it was matched against the default "
@@ -142,3 +162,17 @@ def checkpoint_parts(ckpt, ema=True, **model_options):
                   "DDPM.from_checkpoint(path, arch='tiny') or DDPM.from_checkpoint(path, channels=(32, 64), "
                   "image_size=16)")
     return config, ckpt[key], advice
+
+
+def _keep_attention_levels(stored, model_options):
+    """With only image_size overridden, attention stays at the levels the weights have it (not at its pixels)."""
+    old, new = stored.get('image_size'), model_options.get('image_size')
+    if not (old and new) or 'attn_resolutions' in model_options or stored.get('attn_resolutions') is None:
+        return {}
+    return {'attn_resolutions': tuple(new * r // old for r in stored['attn_resolutions'])}
+
+
+def say_when_ema_is_missing(ckpt):
+    """One line when EMA weights are wanted and a DDIM ckpt.pth has none (its loader wrote the line)."""
+    if ckpt.get('ema_state_dict') is None and ckpt.get('no_ema_note'):
+        print(ckpt['no_ema_note'], file=sys.stderr)

@@ -14,8 +14,11 @@ class CheckpointError(ValueError):
     """A file that cannot be used as a checkpoint; the message says why and what to do."""
 
 
-def read_torch_file(path, map_location='cpu'):
-    """torch.load(path, weights_only=True) -> a dict; CheckpointError (one line) for an empty, unsafe or broken file."""
+def read_torch_file(path, map_location='cpu', accept=None):
+    """torch.load(path, weights_only=True) -> a dict; CheckpointError (one line) for an empty, unsafe or broken file.
+
+    accept: a test for a non-dict object the caller reads itself (a DDIM ckpt.pth is a list).
+    """
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'checkpoint {path} is empty (0 bytes); it was probably cut off while writing; '
                               f'use an earlier checkpoint')
@@ -23,7 +26,7 @@ def read_torch_file(path, map_location='cpu'):
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
         raise CheckpointError(f'cannot load checkpoint {path}: {_load_failure_reason(e)}') from None
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict) and not (accept and accept(obj)):
         raise CheckpointError(f'{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)')
     return obj
 
