@@ -8,7 +8,9 @@
     python paper.py table2 --steps 500 --fid_weights inception.pt      # the prediction / objective ablation
 
 Each subcommand's code lives in a library module (editing/figures.py for figures 6-8,
-metrics/rate_distortion.py for Fig. 5, training/ablations.py for Table 2); this file only dispatches. `python paper.py SUBCOMMAND --help` lists its options. docs/editing.md shows the pictures.
+metrics/rate_distortion.py for Fig. 5, training/ablations.py for Table 2); this file only dispatches.
+`python paper.py SUBCOMMAND --help` lists its options. docs/editing.md shows the pictures of 6-8,
+docs/paper.md explains Table 2 and Fig. 5.
 """
 
 import sys
