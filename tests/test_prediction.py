@@ -285,3 +285,13 @@ def test_an_old_checkpoint_config_is_an_eps_model():
                   timesteps=50)
     rebuilt = model_from_checkpoint({'model_state_dict': old.state_dict(), 'config': config})
     assert (rebuilt.prediction, rebuilt.min_snr_gamma, rebuilt.variance) == ('eps', None, 'beta')
+
+
+@pytest.mark.parametrize('options, named', [(dict(prediction='x0'), 'predicts x0'),
+                                            (dict(variance='learned', loss='vlb'), 'learns sigma')])
+def test_ddim_format_export_refuses_what_it_cannot_express(tmp_path, options, named):
+    from weights.ddim_format import DDIMFormatError, save_ddim
+    model = create_cifar10_ddpm(arch='ddpm-paper', channels=(32, 64), num_res_blocks=1, **options)
+    with pytest.raises(DDIMFormatError, match=named):
+        save_ddim(model, str(tmp_path / 'model.ckpt'))
+    assert not (tmp_path / 'model.ckpt').exists()
