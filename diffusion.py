@@ -11,8 +11,11 @@ arXiv:2207.12598) at the one place the samplers get eps from: `network_outputs`.
 Options from Improved DDPM (Nichol & Dhariwal 2021, arXiv:2102.09672), each off
 by default: the cosine schedule (`beta_schedule='cosine'`, their Eq. 17), learned
 reverse variances (`learn_sigma=True`, Eq. 15) and the hybrid / VLB objectives
-(`loss='hybrid'|'vlb'`, Eq. 16 and section 3.1). This module knows nothing of files, devices or
-command lines: checkpoint files are weights/'s, run-time choices runtime.py's; the architecture
+(`loss='hybrid'|'vlb'`, Eq. 16 and section 3.1). The paper's own ablations (its Table 2) are options
+too: what the network predicts (`prediction='eps'|'x0'|'mu'|'v'`, converted to eps in one place,
+`network_outputs`), a learned diagonal variance (`variance='learned'`) and the true bound as the loss;
+and Min-SNR-gamma loss weighting (`min_snr_gamma`, Hang et al. 2023). This module knows nothing of files,
+devices or command lines: checkpoint files are weights/'s, run-time choices runtime.py's; the architecture
 tables are model/presets.py's.
 
 Indexing: code step t = 0..T-1 is the paper's t = 1..T. So `betas[0]` is the
@@ -90,6 +93,15 @@ def schedule_buffers(betas):
     }
 
 
+def mean_buffers(betas):
+    """The float64 coefficients of Eq. (11), mu_theta = (x_t - beta_t / sqrt(1 - a-bar_t) eps) / sqrt(alpha_t),
+    with which 'mu' predictions convert to eps and back, and the SNR of Min-SNR weighting."""
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return {'sqrt_recip_alphas': (1.0 - betas).rsqrt(),                           # 1 / sqrt(alpha_t)
+            'eps_coef': betas / (1.0 - alphas_cumprod).sqrt(),                     # beta_t / sqrt(1 - a-bar_t)
+            'snr': alphas_cumprod / (1.0 - alphas_cumprod)}                        # SNR_t = a-bar_t / (1 - a-bar_t)
+
+
 def extract(a, t, shape):
     """Gather a[t] for a batch of steps t and shape it [B, 1, 1, ...] to broadcast against `shape`."""
     return a.gather(0, t).reshape(t.shape[0], *([1] * (len(shape) - 1)))
@@ -97,38 +109,62 @@ def extract(a, t, shape):
 
 LOSSES = ('simple', 'hybrid', 'vlb')
 HYBRID_LAMBDA = 0.001   # lambda of L_hybrid = L_simple + lambda L_vlb (iDDPM Eq. 16)
+# What the network predicts (the paper's Table 2 compares mu-tilde and eps): eps (Eq. 11), x_0,
+# mu-tilde_t (the TF code's 'xprev'), or v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, arXiv:2202.00512).
+PREDICTIONS = ('eps', 'x0', 'mu', 'v')
+# The reverse variance: fixed beta_t ('beta', the paper's CIFAR-10 choice) or beta-tilde_t ('posterior'),
+# learned diagonal (the network outputs log sigma^2 itself, Table 2's "learned diagonal Sigma") or
+# learned between the two fixed ones (iDDPM Eq. 15, also `learn_sigma=True`).
+VARIANCES = ('beta', 'posterior', 'learned', 'learned_range')
+LEARNED_VARIANCES = ('learned', 'learned_range')
 
 
-def check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss):
+def resolve_variance(variance, learn_sigma):
+    """The variance kind of (variance, learn_sigma): learn_sigma=True is 'learned_range' (its older spelling)."""
+    if variance not in VARIANCES:
+        raise ValueError(f'variance must be one of {VARIANCES}, got {variance!r}')
+    if learn_sigma and variance == 'posterior':
+        raise ValueError(f"variance={variance!r} picks a fixed variance; drop it with learn_sigma=True")
+    return 'learned_range' if learn_sigma and variance == 'beta' else variance
+
+
+def check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss,
+                        prediction='eps', min_snr_gamma=None):
     """One clear ValueError for each impossible combination of DDPM options."""
-    if variance not in ('beta', 'posterior'):
-        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    learned = resolve_variance(variance, learn_sigma) in LEARNED_VARIANCES
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
     if loss not in LOSSES:
         raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+    if prediction not in PREDICTIONS:
+        raise ValueError(f'prediction must be one of {PREDICTIONS}, got {prediction!r}')
     if timesteps < 1 or (beta_schedule == 'linear' and not 0 < beta_start <= beta_end < 1):
         raise ValueError('need timesteps >= 1 and 0 < beta_start <= beta_end < 1, got '
                          f'timesteps={timesteps}, beta_start={beta_start}, beta_end={beta_end}')
-    if learn_sigma and loss == 'simple':
-        raise ValueError("learn_sigma=True needs loss='hybrid' or loss='vlb': L_simple does not train the variance")
-    if loss == 'hybrid' and not learn_sigma:
-        raise ValueError("loss='hybrid' needs learn_sigma=True (its VLB term trains only the variance)")
-    if learn_sigma and variance != 'beta':
-        raise ValueError(f"variance={variance!r} picks a fixed variance; drop it with learn_sigma=True")
+    if learned and loss == 'simple':
+        raise ValueError(f"a learned variance (learn_sigma=True / variance={variance!r}) needs loss='hybrid' or "
+                         f"loss='vlb': L_simple does not train the variance")
+    if loss == 'hybrid' and not learned:
+        raise ValueError("loss='hybrid' needs learn_sigma=True or a learned variance (its VLB term trains only "
+                         "the variance)")
+    if min_snr_gamma is not None and not (isinstance(min_snr_gamma, (int, float)) and min_snr_gamma > 0):
+        raise ValueError(f'min_snr_gamma must be a positive number or None (off), got {min_snr_gamma!r}')
+    if min_snr_gamma is not None and loss == 'vlb':
+        raise ValueError("min_snr_gamma weights the MSE of loss='simple' or 'hybrid'; loss='vlb' has none: drop it")
 
 
 class DDPM(nn.Module):
     """A diffusion model around `network(x_t, t) -> eps` with a linear (or cosine) beta schedule.
 
     Args:
-        network: predicts the noise eps from (x_t, t), t a LongTensor [B] in 0..T-1
-            (with learn_sigma, [eps, nu] stacked on the channels: 2C channels).
+        network: predicts the noise eps (or what `prediction` names) from (x_t, t), t a LongTensor [B] in
+            0..T-1 (with a learned variance, [eps, nu] stacked on the channels: 2C channels).
         timesteps: T, the number of diffusion steps.
         beta_start, beta_end: the linear schedule's beta_1 and beta_T.
         variance: the fixed reverse-process variance sigma_t^2:
             'beta' (sigma_t^2 = beta_t, the paper's CIFAR-10 choice) or
-            'posterior' (sigma_t^2 = beta-tilde_t). Unused with learn_sigma.
+            'posterior' (sigma_t^2 = beta-tilde_t); or learned: 'learned' (nu = log sigma_t^2)
+            or 'learned_range' (iDDPM Eq. 15, the same as learn_sigma=True).
         image_shape: (C, H, W) of samples; read from the network's
             `in_channels` / `image_size` when it has them, else (3, 32, 32).
         beta_schedule: 'linear' (Ho et al.) or 'cosine' (iDDPM Eq. 17).
@@ -136,21 +172,28 @@ class DDPM(nn.Module):
         loss: 'simple' (L_simple, Eq. 14), 'hybrid' (iDDPM Eq. 16; needs
             learn_sigma) or 'vlb' (the variational bound itself).
         betas: float64 betas that replace the named schedule (T = len(betas)).
+        prediction: what the network predicts: 'eps' (the paper's), 'x0', 'mu' (mu-tilde_t) or 'v'.
+            Everything else reads eps through `network_outputs`, which converts.
+        min_snr_gamma: Min-SNR-gamma weighting of the MSE (Hang et al. 2023, arXiv:2303.09556); None: off.
     """
 
     def __init__(self, network, timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
-                 image_shape=None, beta_schedule='linear', learn_sigma=False, loss='simple', betas=None):
+                 image_shape=None, beta_schedule='linear', learn_sigma=False, loss='simple', betas=None,
+                 prediction='eps', min_snr_gamma=None):
         super().__init__()
-        check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss)
+        check_model_options(timesteps, beta_start, beta_end, variance, beta_schedule, learn_sigma, loss, prediction,
+                            min_snr_gamma)
         self.network = network
-        self.variance, self.beta_schedule, self.learn_sigma, self.loss_type = variance, beta_schedule, learn_sigma, loss
+        self.variance, self.beta_schedule, self.loss_type = resolve_variance(variance, learn_sigma), beta_schedule, loss
+        self.learn_sigma = self.variance in LEARNED_VARIANCES   # the network's output has the variance channels too
+        self.prediction, self.min_snr_gamma = prediction, min_snr_gamma
         self.image_shape = tuple(image_shape) if image_shape is not None else (
             getattr(network, 'in_channels', 3), getattr(network, 'image_size', 32), getattr(network, 'image_size', 32))
         # `betas` (float64) overrides the named schedule: sampling.ancestral.respaced builds a shorter chain this way.
         self.betas64 = betas if betas is not None else make_betas(beta_schedule, timesteps, beta_start, beta_end)
         self.timesteps = len(self.betas64)
         # Derived from the constructor's arguments, so not part of the state_dict.
-        for name, value in schedule_buffers(self.betas64).items():
+        for name, value in {**schedule_buffers(self.betas64), **mean_buffers(self.betas64)}.items():
             self.register_buffer(name, value.float(), persistent=False)
 
     # ----- forward process ------------------------------------------------------------------
@@ -179,15 +222,44 @@ class DDPM(nn.Module):
         return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x_0)
                 / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
 
+    def eps_from_prediction(self, x_t, t, pred):
+        """The eps that `pred` (what the network predicts, `prediction`) stands for at (x_t, t).
+
+        x0: invert Eq. (4); v: eps = sigma_t x_t + alpha_t v (alpha_t = sqrt(a-bar_t), sigma_t = sqrt(1 - a-bar_t),
+        alpha_t^2 + sigma_t^2 = 1); mu: invert Eq. (11), eps = (x_t - sqrt(alpha_t) mu) sqrt(1 - a-bar_t) / beta_t.
+        """
+        if self.prediction == 'eps':
+            return pred
+        if self.prediction == 'x0':
+            return self.predict_eps_from_x0(x_t, t, pred)
+        if self.prediction == 'v':
+            return (extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
+                    + extract(self.sqrt_alphas_cumprod, t, x_t.shape) * pred)
+        return (x_t - pred / extract(self.sqrt_recip_alphas, t, x_t.shape)) / extract(self.eps_coef, t, x_t.shape)
+
+    def prediction_from_eps(self, x_t, t, eps):
+        """The inverse of `eps_from_prediction`: what the network would output for noise eps at (x_t, t)."""
+        if self.prediction == 'eps':
+            return eps
+        if self.prediction == 'mu':   # Eq. (11)
+            return extract(self.sqrt_recip_alphas, t, x_t.shape) * (x_t - extract(self.eps_coef, t, x_t.shape) * eps)
+        x_0 = self.predict_x0_from_eps(x_t, t, eps)
+        if self.prediction == 'x0':
+            return x_0
+        return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * eps
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_0)
+
     # ----- training -------------------------------------------------------------------------
 
     def loss(self, x_0, t=None, noise=None, reduction='mean', labels=None):
         """The training objective at steps t (default uniform, Algorithm 1) and noise eps (default N(0, I)).
 
-        loss='simple': L_simple, Eq. (14), ||eps - eps_theta(x_t, t)||^2 averaged over pixels.
+        loss='simple': the MSE on what the network predicts, averaged over pixels: for eps
+            L_simple, Eq. (14), ||eps - eps_theta(x_t, t)||^2; for mu ||mu-tilde_t - mu_theta||^2,
+            for x0 and v the MSE on x_0 and v. With min_snr_gamma, weighted by `min_snr_weight`.
         loss='vlb': T * L_{t-1} in bits/dim, an unbiased estimate of the bound's
             sum over t for uniform t (iDDPM section 3.1).
-        loss='hybrid': L_simple + lambda * T * L_{t-1} with lambda = 0.001 (iDDPM
+        loss='hybrid': the MSE + lambda * T * L_{t-1} with lambda = 0.001 (iDDPM
             Eq. 16), the mean detached in the VLB term so that it trains only the variance.
         reduction='none' gives one value per image (for importance weights); 'mean' their mean.
         labels: class labels of a class-conditional network, the null class where a
@@ -201,19 +273,56 @@ class DDPM(nn.Module):
         if noise is None:
             noise = torch.randn_like(x_0)
         x_t = self.q_sample(x_0, t, noise)
-        if self.loss_type == 'simple' and reduction == 'mean':
+        plain = self.prediction == 'eps' and self.min_snr_gamma is None
+        if self.loss_type == 'simple' and reduction == 'mean' and plain:
             eps_pred = self.network(x_t, t) if labels is None else self.network(x_t, t, labels)
             return F.mse_loss(eps_pred.float(), noise)
-        eps_pred, nu = self.network_outputs(x_t, t, labels)
+        out = self.network(x_t, t) if labels is None else self.network(x_t, t, labels)
+        pred, nu = self.split_outputs(out.float(), x_t)
+        if self.loss_type != 'vlb':
+            mse = (pred - self.training_target(x_0, x_t, t, noise)).pow(2).flatten(1).mean(1)
+            if self.min_snr_gamma is not None:
+                mse = mse * self.min_snr_weight(t)
         if self.loss_type == 'simple':
-            return (eps_pred - noise).pow(2).flatten(1).mean(1)
+            per_image = mse
         # Trained on the unclipped bound (clip_denoised=False), as the paper's code does.
-        if self.loss_type == 'vlb':
+        elif self.loss_type == 'vlb':
+            eps_pred = self.eps_from_prediction(x_t, t, pred)
             per_image = self.timesteps * self.vb_term_bpd(x_0, x_t, t, False, (eps_pred, nu))
         else:
-            vb = self.vb_term_bpd(x_0, x_t, t, False, (eps_pred.detach(), nu))
-            per_image = (eps_pred - noise).pow(2).flatten(1).mean(1) + HYBRID_LAMBDA * self.timesteps * vb
+            eps_detached = self.eps_from_prediction(x_t, t, pred.detach())
+            per_image = mse + HYBRID_LAMBDA * self.timesteps * self.vb_term_bpd(x_0, x_t, t, False, (eps_detached, nu))
         return per_image.mean() if reduction == 'mean' else per_image
+
+    def training_target(self, x_0, x_t, t, noise):
+        """What the network should output at (x_t, t) for the x_0 and noise that made x_t (see `prediction`)."""
+        if self.prediction == 'eps':
+            return noise
+        if self.prediction == 'x0':
+            return x_0
+        if self.prediction == 'mu':
+            return self.q_posterior(x_0, x_t, t)[0]
+        return (extract(self.sqrt_alphas_cumprod, t, x_0.shape) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * x_0)
+
+    def min_snr_weight(self, t):
+        """Min-SNR-gamma (Hang et al. 2023), per image: the weight that makes the MSE on the prediction
+        min(SNR_t, gamma) ||x_0 - x_0_pred||^2, SNR_t = a-bar_t / (1 - a-bar_t).
+
+        ||eps - eps_pred||^2 = SNR_t ||x_0 - x_0_pred||^2, so eps gets min(SNR_t, gamma) / SNR_t (the paper's
+        Eq. for eps), x0 min(SNR_t, gamma), v min(SNR_t, gamma) / (SNR_t + 1) (||v - v_pred||^2 =
+        ||x_0 - x_0_pred||^2 / (1 - a-bar_t)), and mu min(SNR_t, gamma) / coef1_t^2 (mu-tilde is
+        coef1_t x_0 + coef2_t x_t).
+        """
+        snr = self.snr[t]
+        weight = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction == 'eps':
+            return weight / snr
+        if self.prediction == 'v':
+            return weight / (snr + 1)
+        if self.prediction == 'mu':
+            return weight / self.posterior_mean_coef1[t] ** 2
+        return weight
 
     def forward(self, x_0, t=None, noise=None, reduction='mean', labels=None):
         """The training loss, so that `model(x_0)` runs through DDP / torch.compile wrappers."""
@@ -227,8 +336,8 @@ class DDPM(nn.Module):
         return getattr(self.network, 'num_classes', None)
 
     def network_outputs(self, x_t, t, labels=None, guidance_scale=0.0):
-        """(eps_pred, nu) in float32: the noise prediction and, with learn_sigma, the raw variance output (else
-        None). Every sampler gets eps from here.
+        """(eps_pred, nu) in float32: the noise prediction and, with a learned variance, the raw variance output
+        (else None). Every sampler gets eps from here.
 
         labels None: eps_theta(x_t, t), which for a class-conditional network is its
         null class, i.e. the unconditional model. With labels c and guidance scale w,
@@ -236,25 +345,32 @@ class DDPM(nn.Module):
             eps~ = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null),
         both terms from ONE network call on the 2n-image batch [x_t; x_t], and nu from
         the conditional half; w = 0 is the conditional model alone (one call on n images).
+        A network that predicts x0, mu or v has its output converted to eps (`eps_from_prediction`)
+        before guidance, which is linear in eps and so in each of them.
         """
         if labels is None:
             if guidance_scale:
                 raise ValueError(f'guidance_scale={guidance_scale:g} needs class labels to guide towards')
-            return self.split_outputs(self.network(x_t, t).float(), x_t)
+            return self.eps_outputs(self.network(x_t, t).float(), x_t, t)
         if not guidance_scale:
-            return self.split_outputs(self.network(x_t, t, labels).float(), x_t)
+            return self.eps_outputs(self.network(x_t, t, labels).float(), x_t, t)
         null = torch.full_like(labels, self.network.null_class)
         out_cond, out_null = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                           torch.cat([labels, null])).float().chunk(2)
-        (eps_cond, nu), (eps_null, _) = self.split_outputs(out_cond, x_t), self.split_outputs(out_null, x_t)
+        (eps_cond, nu), (eps_null, _) = self.eps_outputs(out_cond, x_t, t), self.eps_outputs(out_null, x_t, t)
         return (1.0 + guidance_scale) * eps_cond - guidance_scale * eps_null, nu
 
+    def eps_outputs(self, out, x_t, t):
+        """The network's output as (eps_pred, nu), its prediction converted to eps."""
+        pred, nu = self.split_outputs(out, x_t)
+        return self.eps_from_prediction(x_t, t, pred), nu
+
     def split_outputs(self, out, x_t):
-        """The network's output as (eps_pred, nu): nu is None unless learn_sigma stacks it on the channels."""
+        """The network's output as (prediction, nu): nu is None unless a learned variance stacks it on the channels."""
         if not self.learn_sigma:
             return out, None
         if out.shape[1] != 2 * x_t.shape[1]:
-            raise ValueError(f'learn_sigma=True needs a network with 2 x {x_t.shape[1]} output channels (eps and '
+            raise ValueError(f'a learned variance needs a network with 2 x {x_t.shape[1]} output channels (eps and '
                              f'the variance), got {out.shape[1]}; build it with create_cifar10_ddpm(learn_sigma=True)')
         return out.chunk(2, dim=1)
 
@@ -264,11 +380,14 @@ class DDPM(nn.Module):
         return self.network_outputs(x_t, t, labels, guidance_scale)[0]
 
     def learned_log_variance(self, nu, t):
-        """iDDPM Eq. 15: log Sigma = v log beta_t + (1 - v) log beta-tilde_t, with v = (nu + 1) / 2.
+        """log sigma_t^2 from the network's nu: nu itself for variance='learned' (the paper's learned diagonal
+        Sigma); else iDDPM Eq. 15: log Sigma = v log beta_t + (1 - v) log beta-tilde_t, with v = (nu + 1) / 2.
 
         The network's nu = 1 gives beta_t, nu = -1 beta-tilde_t (as in the paper's
         code); nu is not clipped, so the variance can leave that range.
         """
+        if self.variance == 'learned':
+            return nu
         v = (nu + 1) / 2
         return (v * extract(self.log_betas, t, nu.shape)
                 + (1 - v) * extract(self.posterior_log_variance_clipped, t, nu.shape))
@@ -432,21 +551,24 @@ class DDPM(nn.Module):
 # ----- building and loading -------------------------------------------------------------------
 
 def create_cifar10_ddpm(arch='base', timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
-                        beta_schedule='linear', learn_sigma=False, loss='simple', **unet_overrides):
+                        beta_schedule='linear', learn_sigma=False, loss='simple', prediction='eps', min_snr_gamma=None,
+                        **unet_overrides):
     """The CIFAR-10 DDPM: a UNet of the named `arch` ('base', 'ddpm-paper' or 'tiny') inside a DDPM.
 
     Any UNet keyword (channels, num_res_blocks, time_emb_dim, attn_resolutions,
     num_heads, dropout, image_size, in_channels, downsample_padding) overrides the arch's value;
-    learn_sigma=True gives the UNet 2 x in_channels outputs (eps and the variance).
+    a learned variance (learn_sigma=True, variance='learned' or 'learned_range') gives the UNet
+    2 x in_channels outputs (the prediction and the variance).
     """
     unknown = set(unet_overrides) - set(UNET_OPTIONS)
     if unknown:
         raise ValueError(f'unknown U-Net option(s) {sorted(unknown)}; valid: {list(UNET_OPTIONS)}')
-    if learn_sigma and 'out_channels' not in unet_overrides:
+    if resolve_variance(variance, learn_sigma) in LEARNED_VARIANCES and 'out_channels' not in unet_overrides:
         unet_overrides['out_channels'] = 2 * unet_overrides.get('in_channels', 3)
     network = build_unet(arch, **unet_overrides)
     return DDPM(network, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, variance=variance,
-                beta_schedule=beta_schedule, learn_sigma=learn_sigma, loss=loss)
+                beta_schedule=beta_schedule, learn_sigma=learn_sigma, loss=loss, prediction=prediction,
+                min_snr_gamma=min_snr_gamma)
 
 
 def model_from_checkpoint(ckpt, ema=True, device='cpu', source='checkpoint', **model_options):

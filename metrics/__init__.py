@@ -1,1 +1,1 @@
-"""Metrics: FID / Inception features, the discretised likelihood, bits/dim."""
+"""Metrics: FID / Inception features, the discretised likelihood, bits/dim, rate-distortion (Fig. 5)."""

@@ -26,7 +26,8 @@ ARCHS = {
 
 # The DDPM options a checkpoint's config carries; a config without one of them (an older
 # checkpoint) gets the default, which is the model it was trained as (linear, fixed variance, L_simple).
-DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance', 'beta_schedule', 'learn_sigma', 'loss')
+DDPM_OPTIONS = ('timesteps', 'beta_start', 'beta_end', 'variance', 'beta_schedule', 'learn_sigma', 'loss',
+                'prediction', 'min_snr_gamma')
 UNET_OPTIONS = tuple(p for p in inspect.signature(UNet).parameters)
 MODEL_OPTIONS = ('arch',) + DDPM_OPTIONS + UNET_OPTIONS   # every keyword create_cifar10_ddpm takes
 # Options added after checkpoints had been written: a stored config without the key

@@ -8,17 +8,20 @@ from sampling.noise import draw_noise
 
 
 class OriginalSteps(nn.Module):
-    """The network of a respaced chain: its step i is the original model's step `steps[i]`."""
+    """The network of a respaced chain: its step i is the original model's step `steps[i]`, its output
+    converted to eps there (a mu-tilde prediction belongs to the original step, not to the chain's)."""
 
-    def __init__(self, network, steps):
+    def __init__(self, network, steps, to_eps):
         super().__init__()
-        self.network = network
+        self.network, self.to_eps = network, to_eps   # to_eps: the original DDPM's eps_outputs
         self.register_buffer('steps', steps, persistent=False)
         # A class-conditional network stays one: guidance reads these.
         self.num_classes, self.null_class = getattr(network, 'num_classes', None), getattr(network, 'null_class', None)
 
     def forward(self, x_t, i, *labels):
-        return self.network(x_t, self.steps.to(i.device)[i], *labels)
+        t = self.steps.to(i.device)[i]
+        eps, nu = self.to_eps(self.network(x_t, t, *labels).float(), x_t, t)
+        return eps if nu is None else torch.cat([eps, nu], dim=1)
 
 
 def respaced(model, seq):
@@ -28,11 +31,15 @@ def respaced(model, seq):
     own schedule), so its a-bar_i equals the original a-bar_{S_i}; beta-tilde and the
     learned variance's interpolation (iDDPM Eq. 15) follow from these betas.
     """
+    if model.variance == 'learned':
+        raise ValueError(f"variance='learned' gives the variance of one of the T steps, not of a respaced chain's "
+                         f"longer ones: sample with all {model.timesteps} steps, or with 'ddim' / 'dpm-solver'")
     seq = torch.as_tensor(seq)
     abar = torch.cumprod(1.0 - model.betas64, dim=0)[seq]
     betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return type(model)(OriginalSteps(model.network, seq), variance=model.variance, image_shape=model.image_shape,
-                       learn_sigma=model.learn_sigma, loss=model.loss_type, betas=betas).to(model.betas.device)
+    network = OriginalSteps(model.network, seq, model.eps_outputs)
+    return type(model)(network, variance=model.variance, image_shape=model.image_shape, loss=model.loss_type,
+                       betas=betas).to(model.betas.device)
 
 
 def sample_ancestral(model, x_T, timesteps, cond, generator, clip_denoised):

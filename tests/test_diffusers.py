@@ -220,6 +220,16 @@ def test_ddpm_steps_equal_ddpm_scheduler(diffusers, float64_schedulers, variance
     assert steps == 1000 and worst <= TOL
 
 
+@pytest.mark.parametrize('prediction, prediction_type', [('x0', 'sample'), ('v', 'v_prediction')])
+def test_ddpm_steps_of_x0_and_v_models_equal_ddpm_scheduler(diffusers, float64_schedulers, prediction,
+                                                            prediction_type):
+    """diffusers reads the same raw network output as an x_0 or v prediction: its steps are ours."""
+    scheduler = float64_schedulers(diffusers.DDPMScheduler, **dict(SCHEDULER, prediction_type=prediction_type))
+    worst, steps = worst_step_difference(DDPM(ToyEps(), prediction=prediction), scheduler, {}, sampler='ddpm')
+    print(f'DDPM steps, {prediction_type}: max abs difference {worst:.2e}')
+    assert steps == 1000 and worst <= TOL
+
+
 @pytest.mark.parametrize('eta', [0.0, 1.0])
 def test_ddim_steps_equal_ddim_scheduler(diffusers, float64_schedulers, eta):
     scheduler = float64_schedulers(diffusers.DDIMScheduler, clip_sample=True, set_alpha_to_one=True)
@@ -249,7 +259,7 @@ def test_unet_configs_ours_cannot_represent_are_refused(change, named):
 
 @pytest.mark.parametrize('change, named', [
     (dict(beta_schedule='squaredcos_cap_v2'), 'beta_schedule'), (dict(variance_type='learned_range'), 'learned'),
-    (dict(prediction_type='v_prediction'), 'prediction_type'), (dict(trained_betas=[0.1]), 'trained_betas'),
+    (dict(prediction_type='mu'), 'prediction_type'), (dict(trained_betas=[0.1]), 'trained_betas'),
     (dict(clip_sample=False), 'clip_sample'), (dict(_class_name='PNDMScheduler'), 'PNDMScheduler'),
 ])
 def test_scheduler_configs_ours_cannot_represent_are_refused(change, named):
@@ -258,8 +268,30 @@ def test_scheduler_configs_ours_cannot_represent_are_refused(change, named):
 
 
 def test_scheduler_config_maps_to_ddpm_options():
-    assert diffusers_io.ddpm_options(SCHEDULER) == dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta')
+    assert diffusers_io.ddpm_options(SCHEDULER) == dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, variance='beta',
+                                                        prediction='eps')
     assert diffusers_io.ddpm_options({**SCHEDULER, 'variance_type': 'fixed_small'})['variance'] == 'posterior'
+    for theirs, ours in (('sample', 'x0'), ('v_prediction', 'v')):
+        assert diffusers_io.ddpm_options({**SCHEDULER, 'prediction_type': theirs})['prediction'] == ours
+
+
+@pytest.mark.parametrize('options, named', [(dict(prediction='mu'), 'mu-tilde'),
+                                            (dict(variance='learned', loss='vlb'), 'learned variance'),
+                                            (dict(learn_sigma=True, loss='hybrid'), 'learned variance')])
+def test_export_refuses_what_diffusers_cannot_express_and_writes_nothing(tmp_path, options, named):
+    model = DDPM(diffusers_io.UNet(**diffusers_io.unet_options(TINY)), **options)
+    with pytest.raises(CheckpointError, match=named) as e:
+        diffusers_io.save_diffusers(model, str(tmp_path / 'out'))
+    assert '\n' not in str(e.value) and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('prediction, prediction_type', [('eps', 'epsilon'), ('x0', 'sample'), ('v', 'v_prediction')])
+def test_export_writes_the_prediction_type(tmp_path, prediction, prediction_type):
+    model = DDPM(diffusers_io.UNet(**diffusers_io.unet_options(TINY)), prediction=prediction)
+    diffusers_io.save_diffusers(model, str(tmp_path))
+    with open(tmp_path / 'scheduler' / 'scheduler_config.json') as f:
+        assert json.load(f)['prediction_type'] == prediction_type
+    assert DDPM.from_checkpoint(str(tmp_path)).prediction == prediction
 
 
 def tiny_pipeline(folder):

@@ -23,7 +23,7 @@ def test_config_is_frozen_and_replace_validates_again():
 
 def test_train_ddpm_shows_every_field_as_a_keyword_with_its_default():
     params = inspect.signature(train_ddpm).parameters
-    assert tuple(params) == OPTIONS and len(OPTIONS) == 49
+    assert tuple(params) == OPTIONS and len(OPTIONS) == 51   # 49 + prediction, min_snr_gamma (issue 25)
     assert {name: p.default for name, p in params.items()} == DEFAULTS
     assert DEFAULTS['lr'] == 2e-4 and DEFAULTS['batch_size'] == 128 and DEFAULTS['ema_decay'] == 0.9999
 

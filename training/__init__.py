@@ -1,1 +1,1 @@
-"""Training: the loop, its reports, FID during training, timestep sampling."""
+"""Training: the loop, its reports, FID during training, timestep sampling, the paper's Table 2 runs."""

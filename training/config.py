@@ -11,7 +11,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 
-from diffusion import BETA_SCHEDULES, LOSSES, check_model_options
+from diffusion import BETA_SCHEDULES, LOSSES, PREDICTIONS, VARIANCES, check_model_options
 from runtime import AMP_CHOICES, DEFAULT_AMP, plain
 from sampling.options import DEFAULT_DPM_SOLVER_STEPS, SAMPLERS, fast_steps
 
@@ -73,12 +73,16 @@ class TrainConfig:
     timesteps: int = option(1000, 'T')
     beta_start: float = option(1e-4, 'beta_1 of the linear schedule')
     beta_end: float = option(0.02, 'beta_T of the linear schedule')
-    variance: str = option('beta', "sampler variance: 'beta' (the paper's) | 'posterior' (beta-tilde)")
+    variance: str = option('beta', "'beta' (the paper's) | 'posterior' (beta-tilde) | 'learned' (log sigma^2, "
+                                   "Table 2) | 'learned_range' (= learn_sigma)")
     beta_schedule: str = option('linear', "'linear' (the paper's) | 'cosine' (Improved DDPM; ignores "
                                           "beta_start/end)")
     learn_sigma: bool = option(False, 'the U-Net also outputs the reverse variance (Improved DDPM); needs a loss '
                                       'below')
     loss: str = option('simple', "'simple' (the paper's L_simple) | 'hybrid' (+ 0.001 L_vlb) | 'vlb'")
+    prediction: str = option('eps', "what the U-Net predicts: 'eps' (the paper's) | 'x0' | 'mu' (mu-tilde) | 'v'")
+    min_snr_gamma: float = option(None, 'Min-SNR-gamma weighting of the MSE (Hang et al. 2023; they use 5); '
+                                        'None: off')
     importance_sampling: bool = option(False, "loss='vlb' only: draw t with p_t ~ sqrt(E[L_t^2]) (Improved DDPM "
                                               "3.3)")
     class_cond: bool = option(False, 'class-conditional model for classifier-free guidance, labels from the '
@@ -156,11 +160,12 @@ def validate(c):
         raise ValueError('warmup_steps, grad_clip and num_samples must not be negative')
     _validate_fid(c)
     choices = {'dataset': DATASETS, 'amp': AMP_CHOICES, 'sample_sampler': SAMPLERS, 'fid_sampler': SAMPLERS,
-               'variance': ('beta', 'posterior'), 'beta_schedule': BETA_SCHEDULES, 'loss': LOSSES}
+               'variance': VARIANCES, 'beta_schedule': BETA_SCHEDULES, 'loss': LOSSES, 'prediction': PREDICTIONS}
     for key, valid in choices.items():
         if getattr(c, key) not in valid:
             raise ValueError(f'{key} must be one of {valid}, got {getattr(c, key)!r}')
-    check_model_options(c.timesteps, c.beta_start, c.beta_end, c.variance, c.beta_schedule, c.learn_sigma, c.loss)
+    check_model_options(c.timesteps, c.beta_start, c.beta_end, c.variance, c.beta_schedule, c.learn_sigma, c.loss,
+                        c.prediction, c.min_snr_gamma)
     if c.importance_sampling and c.loss != 'vlb':
         raise ValueError(f"importance_sampling=True needs loss='vlb' (it samples t for the bound), got "
                          f"loss={c.loss!r}")

@@ -56,9 +56,11 @@ SCHEDULER_DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
     variance_type='fixed_small', clip_sample=True, prediction_type='epsilon', thresholding=False,
     clip_sample_range=1.0, rescale_betas_zero_snr=False)
-SCHEDULER_FIXED = dict(beta_schedule='linear', trained_betas=None, prediction_type='epsilon', thresholding=False,
+SCHEDULER_FIXED = dict(beta_schedule='linear', trained_betas=None, thresholding=False,
                        clip_sample=True, clip_sample_range=1.0, rescale_betas_zero_snr=False)
 VARIANCES = {'fixed_large': 'beta', 'fixed_small': 'posterior'}
+# diffusers' prediction_type -> our DDPM's prediction; mu-tilde ('mu') has no diffusers name.
+PREDICTION_TYPES = {'epsilon': 'eps', 'sample': 'x0', 'v_prediction': 'v'}
 SCHEDULERS = ('DDPMScheduler', 'DDIMScheduler')
 
 
@@ -132,8 +134,11 @@ def ddpm_options(config, source='scheduler_config.json'):
     if c['variance_type'] not in VARIANCES:
         raise CheckpointError(f"{source}: variance_type={c['variance_type']!r} is not supported "
                               f"(only {' or '.join(VARIANCES)})")
+    if c['prediction_type'] not in PREDICTION_TYPES:
+        raise CheckpointError(f"{source}: prediction_type={c['prediction_type']!r} is not supported "
+                              f"(only {', '.join(PREDICTION_TYPES)})")
     return dict(timesteps=c['num_train_timesteps'], beta_start=c['beta_start'], beta_end=c['beta_end'],
-                variance=VARIANCES[c['variance_type']])
+                variance=VARIANCES[c['variance_type']], prediction=PREDICTION_TYPES[c['prediction_type']])
 
 
 def unet_config(network):
@@ -167,13 +172,21 @@ def unet_config(network):
 
 
 def scheduler_config(model):
-    """Our DDPM's schedule and sampler variance -> a DDPMScheduler config."""
+    """Our DDPM's schedule, sampler variance and prediction -> a DDPMScheduler config; CheckpointError for what
+    diffusers cannot express."""
+    if model.variance not in VARIANCES.values():
+        raise CheckpointError(f"variance={model.variance!r}: exporting a learned variance to diffusers is not "
+                              f"supported (its scheduler treats t = 1 differently); only fixed variances export")
+    if model.prediction not in PREDICTION_TYPES.values():
+        raise CheckpointError(f"prediction={model.prediction!r}: diffusers has no prediction_type for mu-tilde; "
+                              f"only eps, x0 and v models export")
     variance_type = {v: k for k, v in VARIANCES.items()}[model.variance]
+    prediction_type = {v: k for k, v in PREDICTION_TYPES.items()}[model.prediction]
     # The betas are stored as float32; 7 digits give back the value they were made from (1e-4, not 9.99999975e-05).
     beta_start, beta_end = (float(f'{b.item():.7g}') for b in (model.betas[0], model.betas[-1]))
     return dict(_class_name='DDPMScheduler', _diffusers_version=DIFFUSERS_VERSION, **SCHEDULER_FIXED,
                 num_train_timesteps=model.timesteps, beta_start=beta_start, beta_end=beta_end,
-                variance_type=variance_type)
+                variance_type=variance_type, prediction_type=prediction_type)
 
 
 # ----- weights -------------------------------------------------------------------------------
@@ -307,7 +320,7 @@ def save_diffusers(model, folder):
     """Write `model` (a DDPM around our UNet) as a DDPMPipeline folder that diffusers loads as it is."""
     if not (hasattr(model, 'network') and hasattr(model, 'betas')):   # duck-typed: no import of diffusion.py
         raise CheckpointError(f'save_diffusers takes a DDPM, not a {type(model).__name__}')
-    config = unet_config(model.network)
+    config, scheduler = unet_config(model.network), scheduler_config(model)   # refuse before writing anything
     from safetensors.torch import save
     unet_dir = os.path.join(folder, 'unet')
     os.makedirs(unet_dir, exist_ok=True)
@@ -315,7 +328,7 @@ def save_diffusers(model, folder):
     atomic_write(os.path.join(unet_dir, WEIGHT_FILES[0]),
                  lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
     write_json(os.path.join(unet_dir, 'config.json'), config)
-    write_json(os.path.join(folder, 'scheduler', 'scheduler_config.json'), scheduler_config(model))
+    write_json(os.path.join(folder, 'scheduler', 'scheduler_config.json'), scheduler)
     write_json(os.path.join(folder, 'model_index.json'),
                {'_class_name': 'DDPMPipeline', '_diffusers_version': DIFFUSERS_VERSION,
                 'scheduler': ['diffusers', 'DDPMScheduler'], 'unet': ['diffusers', 'UNet2DModel']})
