@@ -13,6 +13,7 @@ Code step t = 0..T-1 is the paper's t = 1..T.
 
 import argparse
 import csv
+import importlib.util
 import math
 import os
 
@@ -159,6 +160,9 @@ def run_fig5(args):
             raise ValueError(f'--{name} must be a positive integer, got {getattr(args, name)}')
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    if importlib.util.find_spec('matplotlib') is None:   # before the work, so a missing plotter loses nothing
+        raise ValueError('fig5 draws its plot with matplotlib, which is not installed: '
+                         'pip install -r bench/requirements.txt')
     device = str(resolve_device(args.device))
     model, info = load_model(args.checkpoint, ema=args.ema, device=device)
     test = load_dataset(args.dataset, args.data_dir, train=False)[:args.num_images]

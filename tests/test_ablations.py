@@ -106,3 +106,16 @@ def test_table2_and_fig5_command_lines(tmp_path, capsys):
 
 def test_row_names_are_unique_folder_names():
     assert len({row_key(n) for n in ROW_NAMES}) == len(ROW_NAMES)
+
+
+def test_fig5_without_matplotlib_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'matplotlib' else find_spec(name, *a))
+    ckpt = tmp_path / 'c.pth'
+    ckpt.write_bytes(b'not read: the missing plotter is found first')
+    out = tmp_path / 'fig' / 'f5'
+    assert paper.main(['fig5', '--checkpoint', str(ckpt), '--out', str(out), '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert 'matplotlib' in err and 'bench/requirements.txt' in err and err.count('\n') == 1
+    assert not (tmp_path / 'fig').exists()
