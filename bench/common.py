@@ -7,6 +7,7 @@ inside one run, so the scripts interleave the variants they compare
 the raw times.
 """
 
+import glob
 import json
 import math
 import os
@@ -28,6 +29,14 @@ RESULTS_DIR = os.path.join(ROOT, 'bench', 'results')
 
 
 # ----- device and timing ------------------------------------------------------------------------
+
+def newest_checkpoint(folder):
+    """The most recently written .pth in `folder` (the bench picture scripts' default checkpoint)."""
+    paths = glob.glob(os.path.join(folder, '*.pth'))
+    if not paths:
+        raise SystemExit(f'error: no .pth checkpoint in {folder}; pass --checkpoint')
+    return max(paths, key=os.path.getmtime)
+
 
 def pick_device(name='auto'):
     """'auto' -> CUDA when present, else CPU. On CUDA, TF32 matmuls/convs are switched on."""

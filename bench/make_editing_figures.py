@@ -11,7 +11,6 @@ gives the inpainting a 100-step chain with r = 3 (about 300 network evaluations 
 """
 
 import argparse
-import glob
 import os
 import shlex
 import subprocess
@@ -20,14 +19,9 @@ import sys
 import numpy as np
 from PIL import Image
 
+from common import newest_checkpoint  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def newest_checkpoint(folder):
-    paths = glob.glob(os.path.join(folder, '*.pth'))
-    if not paths:
-        raise SystemExit(f'error: no .pth checkpoint in {folder}; pass --checkpoint')
-    return max(paths, key=os.path.getmtime)
 
 
 def first_images(folder, n, out_dir):

@@ -10,7 +10,6 @@ README's pictures stay under 150 KB that way. --full_colour keeps sample.py's fi
 """
 
 import argparse
-import glob
 import os
 import shlex
 import subprocess
@@ -19,14 +18,9 @@ import sys
 import torch
 from PIL import Image
 
+from common import newest_checkpoint  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def newest_checkpoint(folder):
-    paths = glob.glob(os.path.join(folder, '*.pth'))
-    if not paths:
-        raise SystemExit(f'error: no .pth checkpoint in {folder}; pass --checkpoint')
-    return max(paths, key=os.path.getmtime)
 
 
 def describe(path):
