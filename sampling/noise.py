@@ -10,6 +10,7 @@ def draw_noise(shape, generator, device):
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f'{len(generator)} generators for a batch of {shape[0]}: pass one per image')
-        return torch.stack([draw_noise(shape[1:], g, device) for g in generator])
+        # Stacked where the generators are, then moved once: one host-to-device copy per step, not one per image.
+        return torch.stack([draw_noise(shape[1:], g, g.device) for g in generator]).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
