@@ -122,8 +122,10 @@ def ema_decay(ema, step):
     return min(ema['max_decay'], max(0.0, 1.0 - (1.0 + step) ** -ema['warmup']))
 
 
-class PeerTrainer:
-    """One peer's recipe: AdamW, linear warmup, gradient clipping at 1, its EMA; bf16 autocast where native."""
+class RecipeTrainer:
+    """One recipe's training step: Adam(W), linear warmup, gradient clipping at 1, its EMA; bf16 where native.
+
+    The peers train in this loop; ours trains in train.py and uses this loop only for `speed`."""
 
     def __init__(self, name, device, seed=0):
         torch.manual_seed(seed)
@@ -132,8 +134,11 @@ class PeerTrainer:
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         r = self.recipe
-        self.opt = torch.optim.AdamW(self.params, lr=r['lr'], betas=r['betas'], eps=r['eps'],
-                                     weight_decay=r['weight_decay'])
+        if name in OURS:   # train.py's optimizer (only `speed` trains ours here)
+            self.opt = torch.optim.Adam(self.params, lr=r['lr'], fused=True)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=r['lr'], betas=r['betas'], eps=r['eps'],
+                                         weight_decay=r['weight_decay'])
         self.dtype, self.rng, self.step_count = amp_dtype('auto', device), np.random.default_rng(seed), 0
 
     def step(self, images):
@@ -183,7 +188,7 @@ def train_ours(args, name):
 def train_peer(args, name):
     device = torch.device('cpu')
     data = common.read_cifar_jpeg(args.data)['train']
-    trainer = PeerTrainer(name, device)
+    trainer = RecipeTrainer(name, device)
     batch, start = trainer.recipe['batch_size'], time.perf_counter()
     for images in sorted(args.images):
         if images % batch:
@@ -215,10 +220,11 @@ def reference(args):
     mu, sigma, *_ = cached_statistics(f'cifar10-jpeg-train{REF_IMAGES}-seed0', pixels, extractor, layer,
                                       batch_size=50, device='cpu')
     if args.floor:
-        test = data['test'][:FID_SAMPLES].permute(0, 2, 3, 1).numpy()
+        pick = np.random.default_rng(1).permutation(len(data['test']))[:FID_SAMPLES]   # files are in class order
+        test = data['test'][torch.from_numpy(pick)].permute(0, 2, 3, 1).numpy()
         features = extract_features(test, extractor, 50, 'cpu', progress=False)[layer]
         floor = frechet_distance(*feature_statistics(features), mu, sigma)
-        save_result('floor', dict(fid=floor, images=FID_SAMPLES, source='the first 2,000 test images'))
+        save_result('floor', dict(fid=floor, images=FID_SAMPLES, source='2,000 random test images'))
         print(f'real-data floor: FID {floor:.2f}')
     return data, extractor, layer, (mu, sigma)
 
@@ -254,7 +260,7 @@ def speed(args):
     keep_freed_memory()
     device = torch.device('cpu')
     images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8)
-    trainers = {name: PeerTrainer(name, device) for name in args.contenders}
+    trainers = {name: RecipeTrainer(name, device) for name in args.contenders}
     for trainer in trainers.values():   # ours: the quick start's own recipe in the same loop as the peers'
         for _ in range(3):
             trainer.step(images)
@@ -305,6 +311,21 @@ def interpolate_fid(curve, cpu_min):
     return float(np.interp(x, xs, ys)) if xs[0] <= x <= xs[-1] else None
 
 
+def compare(name, curve, ours):
+    """FID(name) / FID(ours) at equal CPU minutes: at each point of either curve, the other one interpolated."""
+    if not ours:
+        return
+    for label, at, other in ((name, curve, ours), ('ours', ours, curve)):
+        for images, p in at:
+            there = interpolate_fid(other, p['cpu_min'])
+            if there is None:
+                continue
+            here = float(np.mean(list(p['fid'].values())))
+            peer, us = (here, there) if label == name else (there, here)
+            print(f'{name} vs ours at {p["cpu_min"]:.1f} CPU min ({label} {images} images; the other interpolated): '
+                  f'FID {peer:.1f} vs {us:.1f}, FID({name})/FID(ours) = {peer / us:.2f}')
+
+
 def report(args):
     results = read_results()
     curves = points(results)
@@ -320,34 +341,33 @@ def report(args):
     common.print_table(rows, ['contender', 'images', 'cpu_min', *seeds, 'bpd', 'bpd_stderr'],
                        f'FID-{FID_SAMPLES} (DPM-Solver++ 20, clipped) vs {REF_IMAGES} training images; '
                        f'real-data floor {floor}')
-    if 'ours' in curves:
-        for name, curve in curves.items():
-            if name == 'ours':
-                continue
-            for images, p in curve:
-                ours = interpolate_fid(curves['ours'], p['cpu_min'])
-                if ours is not None:
-                    peer = np.mean(list(p['fid'].values()))
-                    print(f'{name} at {p["cpu_min"]:.1f} CPU min: FID {peer:.1f} vs ours {ours:.1f} '
-                          f'(interpolated): FID(peer)/FID(ours) = {peer / ours:.2f}')
+    for name in curves:
+        if name != 'ours':
+            compare(name, curves[name], curves.get('ours'))
     plot(curves, floor, args.plot)
 
 
+COLOURS = {'ours': 'C0', 'ours-fast': 'C3', 'diffusers': 'C1', 'lucidrains': 'C2'}
+
+
 def plot(curves, floor, path):
+    """FID against thousands of images seen and against CPU minutes; the first seed as a line, others as x."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for name, curve in curves.items():
-        for ax, x_of in zip(axes, (lambda i, p: i / 1000, lambda i, p: p['cpu_min'])):
-            xs = [x_of(i, p) for i, p in curve]
-            for seed in sorted({s for _, p in curve for s in p['fid']}):
-                pts = [(x, p['fid'][seed]) for x, (_, p) in zip(xs, curve) if seed in p['fid']]
-                ax.plot(*zip(*pts), 'o-' if seed == min(curve[0][1]['fid']) else 'x', label=f'{name}',
-                        color={'ours': 'C0', 'diffusers': 'C1', 'lucidrains': 'C2'}.get(name))
+        first = min(s for _, p in curve for s in p['fid'])
+        for ax, xs in zip(axes, ([i / 1000 for i, _ in curve], [p['cpu_min'] for _, p in curve])):
+            line = [(x, p['fid'][first]) for x, (_, p) in zip(xs, curve) if first in p['fid']]
+            ax.plot(*zip(*line), 'o-', color=COLOURS.get(name), label=name)
+            more = [(x, f) for x, (_, p) in zip(xs, curve) for s, f in p['fid'].items() if s != first]
+            if more:
+                ax.plot(*zip(*more), 'x', color=COLOURS.get(name))
+    axes[0].plot([], [], 'x', color='black', label='another sampling seed')
     for ax, label in zip(axes, ('thousand images seen', 'CPU minutes (2 idle cores)')):
         if floor:
-            ax.axhline(floor, color='grey', ls='--', lw=1, label='real data')
+            ax.axhline(floor, color='grey', ls='--', lw=1, label='real test images')
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f'FID-{FID_SAMPLES // 1000}k (lower is better)')
