@@ -47,3 +47,22 @@ def test_relative_links_exist(page):
         elif anchor and target.endswith('.md') and anchor not in anchors(target):
             missing.append(link)
     assert not missing, f'{page}: broken links {missing}'
+
+
+def train_commands(page):
+    """The indented `python train.py ...` command lines of a page, continuation lines joined, comments cut."""
+    text = re.sub(r'\\\n\s*', ' ', read(page))
+    return [m.group(1).split('#')[0].split() for m in re.finditer(r'^    python train\.py(.*)$', text, re.M)]
+
+
+@pytest.mark.parametrize('page', PAGES)
+def test_train_commands_in_the_docs_are_valid(page):
+    """Every train.py command a page shows (the README's quick start included) parses and validates."""
+    from train import build_parser
+    from training.config import TrainConfig
+    for argv in train_commands(page):
+        if '--help' in argv or '...' in argv:
+            continue
+        kwargs = vars(build_parser().parse_args(argv))
+        kwargs.pop('debug')
+        TrainConfig(**kwargs)
