@@ -311,19 +311,17 @@ def interpolate_fid(curve, cpu_min):
     return float(np.interp(x, xs, ys)) if xs[0] <= x <= xs[-1] else None
 
 
-def compare(name, curve, ours):
-    """FID(name) / FID(ours) at equal CPU minutes: at each point of either curve, the other one interpolated."""
-    if not ours:
-        return
-    for label, at, other in ((name, curve, ours), ('ours', ours, curve)):
+def compare(peer, curve, ours, ours_curve):
+    """FID(peer) / FID(ours) at equal CPU minutes: at each point of either curve, the other one interpolated."""
+    for label, at, other in ((peer, curve, ours_curve), (ours, ours_curve, curve)):
         for images, p in at:
             there = interpolate_fid(other, p['cpu_min'])
             if there is None:
                 continue
             here = float(np.mean(list(p['fid'].values())))
-            peer, us = (here, there) if label == name else (there, here)
-            print(f'{name} vs ours at {p["cpu_min"]:.1f} CPU min ({label} {images} images; the other interpolated): '
-                  f'FID {peer:.1f} vs {us:.1f}, FID({name})/FID(ours) = {peer / us:.2f}')
+            fid_peer, fid_ours = (here, there) if label == peer else (there, here)
+            print(f'{peer} vs {ours} at {p["cpu_min"]:.1f} CPU min ({label} {images} images; the other '
+                  f'interpolated): FID {fid_peer:.1f} vs {fid_ours:.1f}, ratio {fid_peer / fid_ours:.2f}')
 
 
 def report(args):
@@ -340,10 +338,10 @@ def report(args):
     seeds = sorted({k for r in rows for k in r if k.startswith('fid_seed')})
     common.print_table(rows, ['contender', 'images', 'cpu_min', *seeds, 'bpd', 'bpd_stderr'],
                        f'FID-{FID_SAMPLES} (DPM-Solver++ 20, clipped) vs {REF_IMAGES} training images; '
-                       f'real-data floor {floor}')
-    for name in curves:
-        if name != 'ours':
-            compare(name, curves[name], curves.get('ours'))
+                       + (f"real-data floor {floor:.2f}" if floor else "real-data floor not measured"))
+    for ours in [name for name in OURS if name in curves]:
+        for peer in [name for name in curves if name not in OURS]:
+            compare(peer, curves[peer], ours, curves[ours])
     plot(curves, floor, args.plot)
 
 
