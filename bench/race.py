@@ -7,7 +7,8 @@ against CPU minutes. So the training and scoring steps may share the cores with
 other work without spoiling the comparison; only `speed` needs them idle.
 
 Contenders, each with its own project's published recipe and a network of the quick start's size:
-  ours        the README's CPU quick start, trained by train.py itself (tiny U-Net, 2.74M parameters)
+  ours        the README's earlier CPU quick start, trained by train.py itself (tiny U-Net, 2.74M parameters)
+  ours-fast   the README's quick start now: ours with lr 1e-3, warmup 100 and Min-SNR-5 weighting
   diffusers   UNet2DModel in the tiny arch's shape (2.74M) with examples/unconditional_image_generation/
               train_unconditional.py's defaults
   lucidrains  denoising-diffusion-pytorch's Unet(dim=32, dim_mults=(1, 2, 4)) (2.61M) with its Trainer's defaults
@@ -21,7 +22,7 @@ seed (s, i)) against 5,000 training images of the offline CIFAR-10 copy, for eac
 --seeds s; the real-data floor (2,000 test images against the same reference);
 bits/dim (the variational bound, estimated) on 500 test images.
 
-    python bench/race.py reference                                   # reference statistics and the floor, once
+    python bench/race.py reference --floor                           # reference statistics and the floor, once
     python bench/race.py train ours --images 25600 51200 96000       # checkpoints at those images seen
     python bench/race.py train diffusers --images 25600 51200 76800
     python bench/race.py score ours --images 25600 51200 96000 --seeds 0 1
