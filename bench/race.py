@@ -71,6 +71,12 @@ QUICK_START = ['--arch', 'tiny', '--device', 'cpu', '--batch_size', '64', '--lr'
                '--ema_decay', '0.999', '--num_samples', '64']
 OURS = {'ours': QUICK_START,
         'ours-fast': QUICK_START + ['--lr', '1e-3', '--warmup_steps', '100', '--min_snr_gamma', '5']}
+# Candidates for the quick start, each one change on top of ours-fast (the later flag wins in train.py),
+# screened at 51,200 images with FID-1k (`score --samples 1000`); bench/RESULTS.md has what they gave.
+TRIALS = {'lr2e-3': ['--lr', '2e-3'], 'batch32': ['--batch_size', '32'], 'v': ['--prediction', 'v'],
+          'cosine': ['--beta_schedule', 'cosine'], 'no-attn': ['--attn_resolutions'],
+          'gamma1': ['--min_snr_gamma', '1']}
+OURS.update({f'try-{name}': OURS['ours-fast'] + flags for name, flags in TRIALS.items()})
 
 # The peers' recipes, from their own defaults. diffusers: train_unconditional.py (AdamW, EMA decay
 # 1 - (1 + step)^-3/4 up to 0.9999; its cosine learning-rate decay is left out so that every checkpoint
@@ -171,13 +177,20 @@ def checkpoint_path(args, name, images):
     return os.path.join(args.work, f'{name}-{images}.pth')
 
 
+def flag_value(flags, flag, default):
+    """The last value given for a train.py flag in a recipe's flags (argparse keeps the last one)."""
+    values = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == flag]
+    return values[-1] if values else default
+
+
 def train_ours(args, name):
     """train.py with one of our recipes' flags, stopped and resumed exactly at every budget."""
     run_dir = os.path.join(args.work, f'{name}-run')
+    batch = int(flag_value(OURS[name], '--batch_size', 64))
     for images in sorted(args.images):
-        steps, left = divmod(images, RECIPES['ours']['batch_size'])
+        steps, left = divmod(images, batch)
         if left:
-            raise SystemExit(f'error: {images} images is not a whole number of batches of 64')
+            raise SystemExit(f'error: {images} images is not a whole number of batches of {batch}')
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *OURS[name], '--max_steps', str(steps),
                '--dataset', 'folder', '--data_dir', args.data_dir, '--checkpoint_dir', run_dir,
                '--log_dir', os.path.join(run_dir, 'runs'), '--run_name', 'race', '--resume', 'latest']
@@ -241,21 +254,24 @@ def has_bpd(name, images):
 
 
 def score(args, name):
+    """FID-n (n = --samples; 2,000 for the race, fewer to screen a trial) per seed; bits/dim with FID-2k."""
     data, extractor, layer, ref = reference(args)
     test = data['test'][torch.from_numpy(np.random.default_rng(0).permutation(10000)[:BPD_IMAGES])]
+    screen = args.samples != FID_SAMPLES
     for images in args.images:
         model = load_contender(args, name, images)
         for seed in args.seeds:
             start = time.perf_counter()
-            samples = generate(model, SAMPLER, SampleRun(FID_SAMPLES, 250, seed, amp='auto'), 'cpu', progress=False)
+            samples = generate(model, SAMPLER, SampleRun(args.samples, 250, seed, amp='auto'), 'cpu', progress=False)
             features = extract_features(samples, extractor, 50, 'cpu', progress=False)[layer]
             fid = frechet_distance(*feature_statistics(features), *ref)
-            row = dict(contender=name, images=images, seed=seed, fid=fid, seconds=time.perf_counter() - start)
-            if not has_bpd(name, images):   # bits/dim depends on the checkpoint, not the sampling seed
+            row = dict(contender=name, images=images, seed=seed, fid=fid, samples=args.samples,
+                       seconds=time.perf_counter() - start)
+            if not screen and not has_bpd(name, images):   # bits/dim depends on the checkpoint, not the seed
                 bpd = bits_per_dim(model, test.permute(0, 2, 3, 1).numpy(), 'estimate', t_samples=4, batch_size=250,
                                    device='cpu', seed=0, progress=False)
                 row.update(bpd=bpd['bpd'], bpd_stderr=bpd['bpd_stderr'])
-            save_result(f'{name}-{images}-seed{seed}', row)
+            save_result(f'{name}-{images}-seed{seed}' + (f'-fid{args.samples}' if screen else ''), row)
             print({k: v for k, v in row.items()}, flush=True)
 
 
@@ -297,8 +313,8 @@ def points(results):
     """{contender: [(images, cpu_minutes, fid per seed {seed: fid}, bpd, bpd_stderr)]} from the saved results."""
     curves = {}
     for key, row in results.items():
-        if 'images' not in row or 'contender' not in row:
-            continue
+        if 'images' not in row or 'contender' not in row or row.get('samples', FID_SAMPLES) != FID_SAMPLES:
+            continue   # a speed row, or a screening score (FID of fewer samples; `report` lists those apart)
         speed_row = results.get(f'speed-{row["contender"]}')
         point = curves.setdefault(row['contender'], {}).setdefault(row['images'], dict(fid={}))
         point['fid'][row['seed']] = row['fid']
@@ -347,6 +363,11 @@ def report(args):
     for ours in [name for name in OURS if name in curves]:
         for peer in [name for name in curves if name not in OURS]:
             compare(peer, curves[peer], ours, curves[ours])
+    screens = [dict(contender=r['contender'], images=r['images'], samples=r['samples'], seed=r['seed'], fid=r['fid'])
+               for r in results.values() if r.get('samples', FID_SAMPLES) != FID_SAMPLES]
+    if screens:
+        common.print_table(sorted(screens, key=lambda r: (r['samples'], r['images'], r['fid'])),
+                           ['contender', 'images', 'samples', 'seed', 'fid'], 'screening scores (not in the race)')
     plot(curves, floor, args.plot)
 
 
@@ -388,6 +409,8 @@ def parse_args():
     p.add_argument('contender', nargs='?', choices=list(RECIPES))
     p.add_argument('--images', type=int, nargs='+', default=[], help='budgets in images seen')
     p.add_argument('--seeds', type=int, nargs='+', default=[0])
+    p.add_argument('--samples', type=int, default=FID_SAMPLES, help='score: FID of this many samples (fewer: a '
+                   'screening score, kept apart from the race)')
     p.add_argument('--contenders', nargs='+', default=list(RECIPES), help='speed: which recipes')
     p.add_argument('--rounds', type=int, default=6)
     p.add_argument('--threads', type=int, default=2)
