@@ -167,6 +167,13 @@ def build_parser():
     return parser
 
 
+def config_from_argv(argv):
+    """The TrainConfig that a train.py command line describes, validated, without training."""
+    kwargs = vars(build_parser().parse_args(argv))
+    kwargs.pop('debug')
+    return TrainConfig.from_kwargs(kwargs)
+
+
 def main(argv=None):
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)

@@ -55,6 +55,7 @@ from diffusion import DDPM, create_cifar10_ddpm, model_from_checkpoint  # noqa: 
 from metrics.bpd import bits_per_dim  # noqa: E402
 from metrics.fid import cached_statistics, extract_features, feature_statistics, frechet_distance  # noqa: E402
 from metrics.fid import load_feature_extractor  # noqa: E402
+from model.presets import model_kwargs  # noqa: E402
 from runtime import amp_dtype, autocast, keep_freed_memory  # noqa: E402
 from sampling.generate import SampleRun, generate  # noqa: E402
 from sampling.options import SampleOptions  # noqa: E402
@@ -83,15 +84,27 @@ OURS.update({f'try-{name}': OURS['ours-fast'] + flags for name, flags in TRIALS.
 # of one run is a point of the same recipe). lucidrains: Trainer's defaults (EMA 0.995, updated every
 # 10 steps after step 100, ema-pytorch's warmup 1 - (1 + step)^-2/3). Both clip gradients at norm 1.
 RECIPES = {
-    'ours': dict(batch_size=64, lr=5e-4, warmup=200, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 ema=dict(max_decay=0.999, warmup='ramp', every=1, after=0)),
-    'ours-fast': dict(batch_size=64, lr=1e-3, warmup=100, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                      ema=dict(max_decay=0.999, warmup='ramp', every=1, after=0)),
     'diffusers': dict(batch_size=16, lr=1e-4, warmup=500, betas=(0.95, 0.999), eps=1e-8, weight_decay=1e-6,
                       ema=dict(max_decay=0.9999, warmup=0.75, every=1, after=0)),
     'lucidrains': dict(batch_size=16, lr=1e-4, warmup=0, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                        ema=dict(max_decay=0.995, warmup=2 / 3, every=10, after=100)),
 }
+
+
+def train_config(name):
+    """The TrainConfig that train.py makes from one of our recipes' flags."""
+    from train import config_from_argv
+    return config_from_argv(OURS[name])
+
+
+def our_recipe(name):
+    """RecipeTrainer's view of one of our recipes (for `speed`): train.py's Adam, warmup and EMA ramp."""
+    c = train_config(name)
+    return dict(batch_size=c.batch_size, lr=c.lr, warmup=c.warmup_steps, betas=(0.9, 0.999), eps=1e-8,
+                weight_decay=0.0, ema=dict(max_decay=c.ema_decay, warmup='ramp', every=1, after=0))
+
+
+RECIPES.update({name: our_recipe(name) for name in OURS})
 
 
 class EpsNet(nn.Module):
@@ -107,8 +120,8 @@ class EpsNet(nn.Module):
 
 def build(name):
     """A contender's network inside our DDPM."""
-    if name in OURS:
-        return create_cifar10_ddpm('tiny', min_snr_gamma=5.0 if name == 'ours-fast' else None)
+    if name in OURS:   # the network and DDPM options train.py builds from the recipe's flags
+        return create_cifar10_ddpm(**model_kwargs(train_config(name).to_dict()))
     if name == 'diffusers':   # the tiny arch in diffusers' blocks: 2,736,099 parameters, as ours
         from diffusers import UNet2DModel
         unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,

@@ -58,11 +58,8 @@ def train_commands(page):
 @pytest.mark.parametrize('page', PAGES)
 def test_train_commands_in_the_docs_are_valid(page):
     """Every train.py command a page shows (the README's quick start included) parses and validates."""
-    from train import build_parser
-    from training.config import TrainConfig
+    from train import config_from_argv
     for argv in train_commands(page):
         if '--help' in argv or '...' in argv:
             continue
-        kwargs = vars(build_parser().parse_args(argv))
-        kwargs.pop('debug')
-        TrainConfig(**kwargs)
+        config_from_argv(argv)
