@@ -8,7 +8,9 @@ other work without spoiling the comparison; only `speed` needs them idle.
 
 Contenders, each with its own project's published recipe and a network of the quick start's size:
   ours        the README's earlier CPU quick start, trained by train.py itself (tiny U-Net, 2.74M parameters)
-  ours-fast   the README's quick start now: ours with lr 1e-3, warmup 100 and Min-SNR-5 weighting
+  ours-fast   the second: ours with lr 1e-3, warmup 100 and Min-SNR-5 weighting
+  ours-quick  the README's quick start now: ours-fast with batch 32 and v-prediction (`try-*`: the
+              candidates screened for it, one change each on ours-fast)
   diffusers   UNet2DModel in the tiny arch's shape (2.74M) with examples/unconditional_image_generation/
               train_unconditional.py's defaults
   lucidrains  denoising-diffusion-pytorch's Unet(dim=32, dim_mults=(1, 2, 4)) (2.61M) with its Trainer's defaults
@@ -26,6 +28,7 @@ bits/dim (the variational bound, estimated) on 500 test images.
     python bench/race.py train ours --images 25600 51200 96000       # checkpoints at those images seen
     python bench/race.py train diffusers --images 25600 51200 76800
     python bench/race.py score ours --images 25600 51200 96000 --seeds 0 1
+    python bench/race.py score try-v --images 51200 --samples 1000   # a screening score, kept apart
     python bench/race.py speed                                       # on idle cores: img/s of every recipe
     python bench/race.py report                                      # the table and docs/images/race.png
 
@@ -384,7 +387,7 @@ def report(args):
     plot(curves, floor, args.plot)
 
 
-COLOURS = {'ours': 'C0', 'ours-fast': 'C3', 'diffusers': 'C1', 'lucidrains': 'C2'}
+COLOURS = {'ours': 'C0', 'ours-fast': 'C4', 'ours-quick': 'C3', 'diffusers': 'C1', 'lucidrains': 'C2'}
 
 
 def plot(curves, floor, path):
