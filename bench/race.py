@@ -413,8 +413,8 @@ def plot(curves, floor, path):
     axes[0].set_ylabel(f'FID-{FID_SAMPLES // 1000}k (lower is better)')
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    axes[1].legend(unique.values(), unique.keys(), fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))   # the legend goes below both panels, clear of the curves
+    fig.legend(unique.values(), unique.keys(), fontsize=8, loc='lower center', ncol=len(unique), frameon=False)
     fig.savefig(path, dpi=80)
     print(f'wrote {path}')
 
