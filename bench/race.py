@@ -193,16 +193,10 @@ def checkpoint_path(args, name, images):
     return os.path.join(args.work, f'{name}-{images}.pth')
 
 
-def flag_value(flags, flag, default):
-    """The last value given for a train.py flag in a recipe's flags (argparse keeps the last one)."""
-    values = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == flag]
-    return values[-1] if values else default
-
-
 def train_ours(args, name):
     """train.py with one of our recipes' flags, stopped and resumed exactly at every budget."""
     run_dir = os.path.join(args.work, f'{name}-run')
-    batch = int(flag_value(OURS[name], '--batch_size', 64))
+    batch = RECIPES[name]['batch_size']   # from the recipe's flags, as train.py reads them
     for images in sorted(args.images):
         steps, left = divmod(images, batch)
         if left:
