@@ -266,7 +266,7 @@ def has_bpd(name, images):
 def score(args, name):
     """FID-n (n = --samples; 2,000 for the race, fewer to screen a trial) per seed; bits/dim with FID-2k."""
     data, extractor, layer, ref = reference(args)
-    test = data['test'][torch.from_numpy(np.random.default_rng(0).permutation(10000)[:BPD_IMAGES])]
+    test = data['test'][torch.from_numpy(np.random.default_rng(0).permutation(len(data['test']))[:BPD_IMAGES])]
     screen = args.samples != FID_SAMPLES
     for images in args.images:
         model = load_contender(args, name, images)
